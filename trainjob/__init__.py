@@ -1,0 +1,1 @@
+"""The training job that runs on the instance (and locally with `lt train --local`)."""
