@@ -6,7 +6,7 @@ PIP ?= $(PYTHON) -m pip
 
 # Controller + the CPU training stack (torch's CPU build first, so nothing pulls a CUDA build).
 setup:
-	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[train]"
 
 setup-test: setup
