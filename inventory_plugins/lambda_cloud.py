@@ -165,7 +165,7 @@ def load_lambda_client_module():
         raise AnsibleError(f"The Lambda Cloud client is missing: expected it at {path}.")
     spec = importlib.util.spec_from_file_location(_CLIENT_MODULE_NAME, path)
     module = importlib.util.module_from_spec(spec)
-    # Registered before running it, as dataclasses and pickling look a module up by name.
+    # Registered before it runs (the importlib recipe), so code that looks its module up by name finds it.
     sys.modules[_CLIENT_MODULE_NAME] = module
     try:
         spec.loader.exec_module(module)
