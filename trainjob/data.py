@@ -288,9 +288,7 @@ def read_conversations(path: Path, display: str) -> tuple[list[Conversation], li
             try:
                 record = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                problems.append(
-                    Problem(display, number, "json", f"invalid JSON: {error.msg} (column {error.colno})")
-                )
+                problems.append(Problem(display, number, "json", _json_error(error)))
                 continue
             found = check_record(record, display, number)
             if found:
@@ -300,6 +298,13 @@ def read_conversations(path: Path, display: str) -> tuple[list[Conversation], li
                 messages = [{"role": m["role"], "content": m["content"]} for m in record[key]]
                 conversations.append(Conversation(messages, display, number))
     return conversations, problems, blank
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    # json's messages end in " at" when they name a start position ("Unterminated string starting at").
+    if error.msg.endswith(" at"):
+        return f"invalid JSON: {error.msg} column {error.colno}"
+    return f"invalid JSON: {error.msg} (column {error.colno})"
 
 
 def check_record(record, path: str, line: int | None) -> list[Problem]:
