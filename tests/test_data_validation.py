@@ -36,7 +36,11 @@ EXPECTED = {
     "chats_not_a_list.jsonl": (1, "chats", "expected a list of messages, got a string"),
     "empty_chats.jsonl": (2, "chats", "empty: a conversation needs at least a user and an assistant message"),
     "both_keys.jsonl": (1, "record", 'has both "chats" and "messages"; keep one'),
-    "message_not_an_object.jsonl": (1, "chats[1]", 'expected an object with "role" and "content", got a string'),
+    "message_not_an_object.jsonl": (
+        1,
+        "chats[1]",
+        'expected an object with "role" and "content", got a string',
+    ),
     "missing_role.jsonl": (1, "chats[0].role", "missing"),
     "role_not_a_string.jsonl": (1, "chats[1].role", "expected a string, got a number"),
     "unknown_role.jsonl": (2, "chats[1].role", 'unknown role "bot"; allowed: system, user, assistant'),
@@ -76,7 +80,11 @@ EXPECTED = {
         "chats[2].role",
         'the conversation must end with an "assistant" message, got "user"',
     ),
-    "blank_lines_only.jsonl": (None, "split", 'the "train" split has no conversations (the file is empty or blank)'),
+    "blank_lines_only.jsonl": (
+        None,
+        "split",
+        'the "train" split has no conversations (the file is empty or blank)',
+    ),
 }
 
 
