@@ -323,3 +323,54 @@ def test_hub_as_a_process_keeps_pushes_on_disk(tmp_path):
 def test_fail_next_rejects_an_unknown_route(fake_hub):
     with pytest.raises(ValueError, match="unknown route"):
         fake_hub.fail_next("comit", 500)
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_pushes_resume_from_the_hub(fake_hub, hub_env, tmp_path):
+    fake_hub.add_repo("meta-llama/Meta-Llama-3-8B-Instruct", write_tiny_base_model(tmp_path / "base"))
+    result = last_json_line(run_python(
+        """
+        import json, os, sys
+        from datasets import Dataset
+        from huggingface_hub import snapshot_download
+        from peft import LoraConfig, get_peft_model
+        from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                                  TrainingArguments)
+
+        base = "meta-llama/Meta-Llama-3-8B-Instruct"
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        data = Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog"] * 8})
+        data = data.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
+
+        def trainer(max_steps, output_dir):
+            model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+            args = TrainingArguments(output_dir=output_dir, max_steps=max_steps, save_steps=1,
+                                     per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                                     push_to_hub=True, hub_model_id="tester/ft", hub_strategy="checkpoint",
+                                     hub_private_repo=True,
+                                     # otherwise a save during a running push is not pushed at all
+                                     hub_always_push=True)
+            return Trainer(model=model, args=args, train_dataset=data,
+                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+
+        first = trainer(2, os.path.join(sys.argv[1], "first"))
+        first.train()
+        first.push_to_hub()
+        # A new machine: only the Hub has the checkpoint.
+        kept = snapshot_download("tester/ft", allow_patterns=["last-checkpoint/*"])
+        second = trainer(3, os.path.join(sys.argv[1], "second"))
+        second.train(resume_from_checkpoint=os.path.join(kept, "last-checkpoint"))
+        second.push_to_hub()  # waits for the checkpoint pushes still running
+        print(json.dumps({"resumed_at": json.load(open(os.path.join(kept, "last-checkpoint", "trainer_state.json")))
+                          ["global_step"], "final_step": second.state.global_step}))
+        """,
+        hub_env, tmp_path / "runs", timeout=300,
+    ))
+    assert result == {"resumed_at": 2, "final_step": 3}
+    files = fake_hub.list_files("tester/ft")
+    assert {"adapter_model.safetensors", "last-checkpoint/optimizer.pt", "last-checkpoint/trainer_state.json"} <= set(
+        files)
+    assert fake_hub.repos[("model", "tester/ft")].private
+    state = json.loads(fake_hub.read_file("tester/ft", "last-checkpoint/trainer_state.json"))
+    assert state["global_step"] == 3
