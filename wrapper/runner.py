@@ -1,0 +1,169 @@
+"""Running a playbook through ansible-runner without leaving secrets behind.
+
+ansible-runner writes everything it is given into its private data directory: extravars and
+envvars under env/, and always the child's whole environment in artifacts/<ident>/command. So:
+- secrets are never extravars; they reach ansible-playbook only through its process environment,
+  which is set here for the duration of the run (not through ``envvars=``, which would be written
+  to env/envvars);
+- the private directory is a fresh one per run, in memory (/dev/shm) where the system has it,
+  mode 0700, and removed in ``finally``;
+- the copy of the environment in ``command`` is overwritten with the secrets masked as soon as the
+  playbook reports its first event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wrapper.progress import Progress
+from wrapper.project import playbook, project_dir
+
+MASK = "********"
+
+
+@dataclass
+class PlaybookResult:
+    name: str
+    status: str  # successful | failed | timeout | canceled
+    rc: int
+    stats: dict = field(default_factory=dict)
+    artifact_data: dict = field(default_factory=dict)  # what the playbook set with set_stats
+    results: list[dict] = field(default_factory=list)  # {task, host, res} of every finished task
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "successful" and self.rc == 0
+
+    def task_results(self, task: str) -> list[dict]:
+        return [r["res"] for r in self.results if r["task"] == task]
+
+
+def private_dir_parent() -> str | None:
+    """/dev/shm when usable, so secrets in runner's files never reach a disk."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return str(shm)
+    return None
+
+
+@contextlib.contextmanager
+def private_data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lt-runner-", dir=private_dir_parent()))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def environment(extra: dict[str, str]) -> Iterator[None]:
+    """Set variables in this process's environment (which runner copies for its child), then restore."""
+    saved = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def mask_command_file(data_dir: Path, secret_values: list[str]) -> None:
+    """Rewrite runner's artifacts/*/command with every secret value masked."""
+    for command_file in data_dir.glob("artifacts/*/command"):
+        try:
+            content = json.loads(command_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        env = content.get("env") or {}
+        masked = {name: (MASK if value in secret_values else value) for name, value in env.items()}
+        if masked != env:
+            content["env"] = masked
+            command_file.write_text(json.dumps(content), encoding="utf-8")
+
+
+def run_playbook(name: str, extravars: dict[str, Any], *, secrets: dict[str, str],
+                 progress: Progress, inventory: Any = None, env: dict[str, str] | None = None,
+                 cancelled: Callable[[], bool] | None = None,
+                 on_event: Callable[[dict, Path], None] | None = None) -> PlaybookResult:
+    """Run ``playbooks/<name>.yml``; ``secrets`` are environment variables that must not persist."""
+    import ansible_runner
+
+    path = playbook(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"playbook {path} is missing from the installation")
+    secret_values = [value for value in secrets.values() if value]
+    progress.results = []
+    masked = False
+    artifact_data: dict = {}
+
+    with private_data_dir() as data_dir:
+
+        def handle(event: dict) -> bool:
+            nonlocal masked
+            if not masked:
+                mask_command_file(data_dir, secret_values)
+                masked = True
+            if event.get("event") == "playbook_on_stats":
+                artifact_data.update((event.get("event_data") or {}).get("artifact_data") or {})
+            progress.ansible_event(event)
+            if on_event:
+                on_event(event, data_dir)
+            return True
+
+        child_env = {**(env or {}), **secrets, "ANSIBLE_CONFIG": str(project_dir() / "ansible.cfg")}
+        with environment(child_env):
+            runner = ansible_runner.run(
+                private_data_dir=str(data_dir),
+                project_dir=str(project_dir()),
+                playbook=str(path),
+                inventory=inventory,
+                extravars=extravars,
+                ident=name,
+                quiet=True,
+                event_handler=handle,
+                cancel_callback=cancelled or (lambda: False),
+            )
+        progress.finish()
+        return PlaybookResult(name=name, status=runner.status, rc=runner.rc if runner.rc is not None else -1,
+                              stats=runner.stats or {}, artifact_data=artifact_data,
+                              results=list(progress.results))
+
+
+class Interrupts:
+    """Turns SIGINT/SIGTERM into a flag the runner polls, so a run is cancelled and cleaned up
+    instead of dying mid-way; a second signal while cleaning up is reported, not obeyed."""
+
+    def __init__(self, on_signal: Callable[[int], None] | None = None):
+        self.received: int | None = None
+        self.on_signal = on_signal
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if self.on_signal:
+            self.on_signal(signum if first else -signum)
+
+    def __call__(self) -> bool:
+        return self.received is not None
