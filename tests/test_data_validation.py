@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_support import HUB_TOKEN, fake_hub  # noqa: F401  (fixture)
+from tests.hub_support import HUB_TOKEN, fake_hub_fixture  # noqa: F401  (registers `fake_hub`)
 from trainjob.data import (
     ChatSplits,
     DataValidationError,
     Problem,
+    discover_split_files,
     load_chats,
     to_hf_dataset,
 )
@@ -216,9 +217,40 @@ def test_splits_are_found_by_file_name_as_datasets_does(tmp_path, files, expecte
     )
 
 
-def test_split_names_agree_with_datasets_load_dataset(tmp_path, monkeypatch):
+LAYOUTS = [
+    ["train.jsonl", "validation.jsonl", "test.jsonl"],
+    ["training.jsonl", "dev.jsonl", "eval.jsonl", "README.md"],
+    ["my-train.jsonl", "my-valid.jsonl", "my-testing.jsonl"],
+    ["train1.jsonl", "mytrain.jsonl", "val_2.jsonl"],
+    ["data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl", "data/test-00000-of-00001.jsonl"],
+    ["data/train-00000-of-00001.jsonl", "data/extra-00000-of-00001.jsonl"],
+    ["train/a.jsonl", "train/b.jsonl", "val/c.jsonl", "notes.jsonl"],
+    ["splits-train/x.jsonl", "splits-test/y.jsonl", "evaluation.jsonl"],
+    [".hidden/train.jsonl", "__pycache__/test.jsonl", "train.jsonl", "chats.jsonl"],
+    ["chats.jsonl", "more.jsonl"],
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "+".join(layout))
+def test_split_discovery_matches_datasets(tmp_path, layout):
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    for name in layout:
+        write_jsonl(tmp_path / name, [GOOD])
+
+    theirs = DataFilesDict.from_patterns(get_data_patterns(str(tmp_path)), base_path=str(tmp_path))
+    ours = discover_split_files(tmp_path)
+
+    def relative(files):
+        return sorted(Path(f).relative_to(tmp_path).as_posix() for f in files)
+
+    assert {split: relative(files) for split, files in ours.items()} == {
+        str(split): relative(files) for split, files in theirs.items()
+    }
+
+
+def test_split_sizes_agree_with_datasets_load_dataset(tmp_path):
     # "eval" is the test split for `datasets`, not validation: ours must say the same.
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "repo"
     write_jsonl(root / "training.jsonl", [GOOD, GOOD])
     write_jsonl(root / "val.jsonl", [GOOD])
@@ -229,6 +261,18 @@ def test_split_names_agree_with_datasets_load_dataset(tmp_path, monkeypatch):
     ours = load_chats(str(root))
 
     assert {name: len(ours[name]) for name in ours} == {name: theirs[name].num_rows for name in theirs}
+
+
+def test_a_split_other_than_the_three_is_named_in_a_warning(tmp_path):
+    write_jsonl(tmp_path / "data/train-00000-of-00001.jsonl", [GOOD])
+    write_jsonl(tmp_path / "data/extra-00000-of-00001.jsonl", [GOOD])
+
+    splits = load_chats(str(tmp_path))
+
+    assert list(splits) == ["train"]
+    assert [str(w) for w in splits.warnings] == [
+        f"{tmp_path}: extra: split not used: only train, validation and test are read"
+    ]
 
 
 def test_missing_train_split_is_an_error_naming_what_was_found(tmp_path):
@@ -327,7 +371,7 @@ def test_to_hf_dataset_has_a_messages_column():
     assert dataset[0]["messages"] == list(splits["validation"][0])
 
 
-def test_hub_dataset_is_downloaded_and_checked_line_by_line(fake_hub, tmp_path):  # noqa: F811
+def test_hub_dataset_is_downloaded_and_checked_line_by_line(fake_hub, tmp_path):
     fake_hub.add_repo(
         "tester/team-chats",
         {
@@ -349,7 +393,7 @@ def test_hub_dataset_is_downloaded_and_checked_line_by_line(fake_hub, tmp_path):
     ]
 
 
-def test_hub_dataset_loads_its_splits(fake_hub, tmp_path):  # noqa: F811
+def test_hub_dataset_loads_its_splits(fake_hub, tmp_path):
     fake_hub.add_repo("tester/team-chats", CHATS, repo_type="dataset")
 
     splits = load_chats(
@@ -360,7 +404,7 @@ def test_hub_dataset_loads_its_splits(fake_hub, tmp_path):  # noqa: F811
     assert splits["test"][0].where == "hf://datasets/tester/team-chats/test.jsonl:1"
 
 
-def test_missing_hub_dataset_says_what_to_check(fake_hub, tmp_path):  # noqa: F811
+def test_missing_hub_dataset_says_what_to_check(fake_hub, tmp_path):
     error = rejection(
         "tester/no-such-chats", endpoint=fake_hub.url, token=HUB_TOKEN, cache_dir=str(tmp_path / "cache")
     )

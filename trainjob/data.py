@@ -19,6 +19,12 @@ from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "validation", "test")
+# The names `datasets` recognises for each split (so "eval.jsonl" is the test split, not validation).
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 CONVERSATION_KEYS = ("chats", "messages")
 # Enough to fix a file in one go without burying the terminal.
 MAX_LISTED_PROBLEMS = 50
@@ -123,8 +129,8 @@ def load_chats(
     if root.is_file():
         split_files = {"train": [root]}  # a file named explicitly is read whatever its suffix
     else:
-        split_files = _discover_split_files(root)
-        _check_split_files(split_files, root, display_root, splits.problems)
+        split_files = discover_split_files(root)
+        _check_split_files(split_files, root, display_root, splits)
 
     seen: dict[str, str] = {}  # conversation fingerprint -> where it first appeared
     for split in SPLITS:
@@ -211,21 +217,58 @@ def _download_hub_dataset(repo_id, revision, token, endpoint, cache_dir) -> tupl
     raise DataValidationError([Problem(display, None, "dataset", message)])
 
 
-def _discover_split_files(root: Path) -> dict[str, list[Path]]:
-    """Split name -> files, by the file-name rules `datasets.load_dataset` uses for a directory."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
+def discover_split_files(root: Path) -> dict[str, list[Path]]:
+    """Split name -> files under `root`, by the rules `datasets.load_dataset` applies to a folder.
 
-    try:
-        patterns = get_data_patterns(str(root))
-    except FileNotFoundError:
-        return {}
-    resolved = DataFilesDict.from_patterns(patterns, base_path=str(root))
-    return {str(split): sorted(Path(f) for f in files) for split, files in resolved.items()}
+    In order, the first rule that matches any file decides: `data/{split}-00000-of-00001.*` shards;
+    a folder named for a split (`train/`, `my-dev/`); a file named for one (`train.jsonl`,
+    `chats-eval.jsonl`); otherwise every file is train. Hidden files are skipped. Stdlib only, so
+    the controller can check a dataset before launch.
+    """
+    files = sorted(
+        path.relative_to(root).as_posix()
+        for path in root.rglob("*")
+        if path.is_file() and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)
+    )
+    sharded: dict[str, list[Path]] = {}
+    for name in files:
+        match = _SHARDED.match(name)
+        if match:
+            sharded.setdefault(match["split"], []).append(root / name)
+    if sharded:
+        order = [*SPLITS, *sorted(set(sharded) - set(SPLITS))]
+        return {split: sharded[split] for split in order if split in sharded}
+    for named in (_in_folder_name, _in_file_name):
+        found = {}
+        for split, keywords in SPLIT_KEYWORDS.items():
+            matching = [root / name for name in files if any(named(name, keyword) for keyword in keywords)]
+            if matching:
+                found[split] = matching
+        if found:
+            return found
+    return {"train": [root / name for name in files]} if files else {}
 
 
-def _check_split_files(split_files, root: Path, display_root: str, problems: list[Problem]) -> None:
+_SEP = r"[-._ 0-9]"  # what may stand next to a split keyword in a name ("my-train", "train1")
+_SHARDED = re.compile(r"^data/(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}[^/]*\.[^/]*$")
+
+
+def _in_folder_name(name: str, keyword: str) -> bool:
+    pattern = rf"(?:.*{_SEP})?{keyword}(?:{_SEP}.*)?"
+    return any(re.fullmatch(pattern, folder) for folder in name.split("/")[:-1])
+
+
+def _in_file_name(name: str, keyword: str) -> bool:
+    return re.fullmatch(rf"(?:.*{_SEP})?{keyword}{_SEP}.*", name.rsplit("/", 1)[-1]) is not None
+
+
+def _check_split_files(split_files, root: Path, display_root: str, splits: ChatSplits) -> None:
+    problems = splits.problems
     for split, files in split_files.items():
         if split not in SPLITS:
+            splits.warnings.append(
+                Problem(display_root, None, split, "split not used: only train, validation and test are read")
+            )
             continue
         if files and not any(_is_jsonl(f) for f in files):
             names = ", ".join(_display_path(f, root, display_root) for f in files[:5])
@@ -472,6 +515,7 @@ __all__ = [
     "DataValidationError",
     "Problem",
     "check_record",
+    "discover_split_files",
     "format_problems",
     "load_chats",
     "read_conversations",
