@@ -74,6 +74,9 @@ def local_inventory() -> dict:
     return {"all": {"hosts": {"localhost": host}}}
 
 
+RESULT_EVENTS = ("runner_on_ok", "runner_on_failed", "runner_on_skipped", "runner_on_unreachable")
+
+
 @dataclass
 class PlaybookRun:
     status: str
@@ -83,14 +86,21 @@ class PlaybookRun:
     # Every file ansible-runner left in its private data dir (relative path -> text), read before
     # the dir was removed: what a secret scan must look at.
     files: dict = field(default_factory=dict)
+    private_data_dir: str = ""
 
     def results(self, task_name) -> list[dict]:
         """The ``res`` of every ok/failed/skipped event of the task called ``task_name``."""
         return [
             e["event_data"]["res"]
             for e in self.events
-            if e.get("event", "").startswith("runner_on_") and e["event_data"].get("task") == task_name
+            if e.get("event") in RESULT_EVENTS and e["event_data"].get("task") == task_name
         ]
+
+    def failed(self, task_name) -> bool:
+        """Whether the task failed (ignored failures included)."""
+        return any(
+            e.get("event") == "runner_on_failed" and e["event_data"].get("task") == task_name for e in self.events
+        )
 
     def result(self, task_name) -> dict:
         found = self.results(task_name)
@@ -98,7 +108,9 @@ class PlaybookRun:
         return found[0]
 
 
-def run_playbook(plays, *, envvars=None, extravars=None, inventory=None, cmdline=None, keep_dir=None) -> PlaybookRun:
+def run_playbook(
+    plays, *, envvars=None, extravars=None, inventory=None, cmdline=None, verbosity=None, keep_dir=None
+) -> PlaybookRun:
     """Run ``plays`` (a list of plays, or a playbook path) with ansible-runner from the repository root.
 
     The private data dir is temporary and removed afterwards (it holds env/envvars and the
@@ -122,6 +134,7 @@ def run_playbook(plays, *, envvars=None, extravars=None, inventory=None, cmdline
             extravars=extravars,
             envvars=env,
             cmdline=cmdline,
+            verbosity=verbosity,
             quiet=True,
             event_handler=lambda event: events.append(event) or True,
         )
@@ -132,9 +145,26 @@ def run_playbook(plays, *, envvars=None, extravars=None, inventory=None, cmdline
                 files[str(path.relative_to(private))] = path.read_text(errors="replace")
         if keep_dir:
             shutil.copytree(private, keep_dir, dirs_exist_ok=True)
-        return PlaybookRun(runner.status, runner.rc, stdout, events, files)
+        return PlaybookRun(runner.status, runner.rc, stdout, events, files, str(private))
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def secret_leaks(run: PlaybookRun, secret=SENTINEL_API_KEY) -> list[str]:
+    """Where ``secret`` shows up in a run's stdout, events and files, except the two files that
+    ansible-runner always writes the environment to (env/envvars, artifacts/*/command), which
+    ``run_playbook`` deletes with the private data dir."""
+    leaks = [name for name, text in run.files.items() if secret in text and not _holds_environment(name)]
+    if secret in run.stdout:
+        leaks.append("stdout")
+    if secret in json.dumps(run.events):
+        leaks.append("job events")
+    return leaks
+
+
+def _holds_environment(name):
+    parts = Path(name).parts
+    return parts == ("env", "envvars") or (parts[0] == "artifacts" and parts[-1] == "command")
 
 
 def start_fake_lambda_process(state_file, *, api_key=SENTINEL_API_KEY, extra_args=()):
