@@ -59,7 +59,6 @@ class Llama3Vocab:
     eom_id: int | None
     pad_id: int | None
     chat_template: str
-    is_llama31: bool
 
 
 def read_llama3_vocab(model_dir: Path, vocab_size: int) -> Llama3Vocab:
@@ -80,17 +79,10 @@ def read_llama3_vocab(model_dir: Path, vocab_size: int) -> Llama3Vocab:
     tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     _check_llama3_tokenizer(tokenizer, tokenizer_file)
 
-    # The gguf package reads the BPE vocabulary; it marks every added token as a control token, so
-    # the types are set again below from each token's own `special` flag.
-    bpe = gguf.vocab.BpeVocab(model_dir)
-    tokens = [text.decode("utf-8") if isinstance(text, bytes) else text for text, _, _ in bpe.all_tokens()]
-    special_flags = {t["content"]: bool(t.get("special")) for t in tokenizer.get("added_tokens", [])}
-    token_types = [
-        (gguf.TokenType.CONTROL if special_flags[text] else gguf.TokenType.USER_DEFINED)
-        if i >= bpe.vocab_size_base and text in special_flags
-        else gguf.TokenType.NORMAL
-        for i, text in enumerate(tokens)
-    ]
+    # Read by hand rather than with gguf.vocab.BpeVocab: that reader refuses tokenizers re-saved with
+    # a decoder sequence or an inert byte-fallback flag, and types every added token as control,
+    # while llama.cpp must know which added tokens are special (control) and which are plain text.
+    tokens, token_types = _tokens_and_types(tokenizer, tokenizer_file)
     if len(tokens) > vocab_size:
         raise UnsupportedModelError(
             f"the tokenizer in {model_dir} has {len(tokens)} tokens but the model's embedding has only "
@@ -124,7 +116,6 @@ def read_llama3_vocab(model_dir: Path, vocab_size: int) -> Llama3Vocab:
         # "stop" to some of them, so it is left out then.
         pad_id=pad_id if pad_id is not None and pad_id != eot_id else None,
         chat_template=_chat_template(special.chat_template),
-        is_llama31=EOM in ids,
     )
 
 
@@ -163,6 +154,25 @@ def add_vocab(writer, vocab: Llama3Vocab) -> None:
     writer.add_chat_template(vocab.chat_template)
 
 
+def _tokens_and_types(tokenizer: dict, path: Path) -> tuple[list[str], list[int]]:
+    import gguf
+
+    by_id: dict[int, tuple[str, int]] = {
+        i: (text, gguf.TokenType.NORMAL) for text, i in tokenizer["model"]["vocab"].items()
+    }
+    for added in tokenizer.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        if added["id"] in by_id and by_id[added["id"]][0] != added["content"]:
+            raise UnsupportedModelError(f"{path}: token id {added['id']} has two different texts")
+        if added["id"] not in by_id or kind == gguf.TokenType.CONTROL:
+            by_id[added["id"]] = (added["content"], kind)
+    count = max(by_id) + 1
+    gaps = [i for i in range(count) if i not in by_id]
+    if gaps:
+        raise UnsupportedModelError(f"{path}: token ids {gaps[:5]}... have no token; the vocabulary has holes")
+    return [by_id[i][0] for i in range(count)], [int(by_id[i][1]) for i in range(count)]
+
+
 def _chat_template(template) -> str:
     if isinstance(template, list):  # named templates: keep the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -173,10 +183,10 @@ def _chat_template(template) -> str:
 
 def _check_llama3_tokenizer(tokenizer: dict, path: Path) -> None:
     model = tokenizer.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    # (A byte-fallback flag is inert here: ByteLevel maps every byte to a token of the vocabulary.)
+    if model.get("type") != "BPE":
         raise UnsupportedModelError(
-            f"{path} is a {model.get('type')} tokenizer"
-            f"{' with byte fallback' if model.get('byte_fallback') else ''}, not Llama 3's byte-level BPE "
+            f"{path} is a {model.get('type')} tokenizer, not Llama 3's byte-level BPE "
             "(SentencePiece tokenizers such as Llama 2's or Mistral's are not supported)"
         )
     normalizer = tokenizer.get("normalizer")
