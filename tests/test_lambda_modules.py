@@ -8,7 +8,10 @@ data dir takes with it when it is removed.
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,7 +87,8 @@ def test_lifecycle_failover_idempotence_restart_and_terminate(api, tmp_path):
     result = run(api, play(
         task("key", "lambda_ssh_key", name="laptop", public_key_file=str(tmp_path / "laptop.pub")),
         task("key again", "lambda_ssh_key", name="laptop", public_key=PUBLIC_KEY.rsplit(" ", 1)[0]),
-        instance_task("up", "lt-run-1", **up),
+        # Launch without waiting (so a caller can record the id at once), then wait in a second task.
+        instance_task("up", "lt-run-1", wait=False, **up),
         instance_task("up again", "lt-run-1", **up),
         task("info", "lambda_instance_info", name_prefix="lt-", status=["active"]),
         instance_task("restart", "lt-run-1", state="restarted"),
@@ -101,7 +105,7 @@ def test_lifecycle_failover_idempotence_restart_and_terminate(api, tmp_path):
     up_result = result.result("up")
     instance = up_result["instance"]
     assert up_result["changed"] and up_result["launched"]
-    assert instance["status"] == "active" and instance["ip"] == "127.0.0.1"
+    assert instance["status"] == "booting" and instance["ip"] is None
     assert (instance["instance_type"], instance["region"]) == ("gpu_1x_a100_sxm4", "us-west-1")
     assert instance["price_cents_per_hour"] == 129 and instance["gpu_description"] == "A100 (40 GB SXM4)"
     assert launches(api) == [("gpu_1x_h100_sxm5", "us-east-1"), ("gpu_1x_a100_sxm4", "us-west-1")]
@@ -109,6 +113,7 @@ def test_lifecycle_failover_idempotence_restart_and_terminate(api, tmp_path):
 
     again = result.result("up again")
     assert not again["changed"] and not again["launched"] and again["instance"]["id"] == instance["id"]
+    assert again["instance"]["status"] == "active" and again["instance"]["ip"] == "127.0.0.1"
 
     info = result.result("info")
     assert [i["id"] for i in info["instances"]] == [instance["id"]]
@@ -251,6 +256,39 @@ def test_a_launch_that_never_becomes_active_is_terminated(api):
     assert result.failed("stuck") and ended["instance_id"] == ended_id and ended["terminated"] is True
     assert f"Instance {ended_id}" in ended["msg"] and "so it was terminated" in ended["msg"]
     assert by_name["lt-stuck-2"]["status"] in ("terminating", "terminated")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_run_stopped_while_waiting_terminates_what_it_launched(api, tmp_path, signum):
+    api.boot_seconds = 600
+    (tmp_path / "play.yml").write_text(json.dumps(play(instance_task("up", "lt-stopped", wait_timeout=300))))
+    (tmp_path / "hosts").write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    env = {**os.environ, **module_env(api), "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg")}
+    # Its own process group, as a terminal's foreground job: Ctrl-C and `kill -- -PGID` reach every process.
+    playbook = subprocess.Popen(
+        ["ansible-playbook", "-i", str(tmp_path / "hosts"), str(tmp_path / "play.yml")],
+        cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert _until(lambda: api.requests_to("GET", "/instances/"), 60), "the module never started waiting"
+        os.killpg(playbook.pid, signum)
+        playbook.communicate(timeout=60)
+        assert _until(lambda: api.requests_to("POST", "/instance-operations/terminate"), 15)
+    finally:
+        if playbook.poll() is None:
+            os.killpg(playbook.pid, signal.SIGKILL)
+            playbook.wait()
+    (instance,) = api.instances.values()
+    assert instance["name"] == "lt-stopped" and instance["status"] in ("terminating", "terminated")
+
+
+def _until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_module_docs_render_with_the_shared_options():
