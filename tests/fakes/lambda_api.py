@@ -89,7 +89,7 @@ class FakeLambdaAPI:
         # Every type has capacity everywhere until a test says otherwise.
         self.capacity = {name: list(REGIONS) for name in INSTANCE_TYPES}
         self.capacity.update(capacity or {})
-        self.instances = {}  # id -> Instance (public shape), terminated ones included
+        self._instances = {}  # id -> Instance (public shape), terminated ones included
         self.ssh_keys = []
         self.file_systems = []
         self.requests = []  # (method, path under /api/v1, JSON body or None)
@@ -153,6 +153,13 @@ class FakeLambdaAPI:
             self.file_systems.append(fs)
             return fs
 
+    @property
+    def instances(self):
+        """Every instance launched, id -> Instance as the API shows it now (terminated ones too)."""
+        with self._lock:
+            self._refresh()
+            return self._instances
+
     def requests_to(self, method, path_prefix=""):
         return [r for r in self.requests if r[0] == method and r[1].startswith(path_prefix)]
 
@@ -161,7 +168,7 @@ class FakeLambdaAPI:
     def _refresh(self):
         """Move instances along booting -> active and terminating -> terminated as time passes."""
         now, changed = time.monotonic(), False
-        for iid, inst in self.instances.items():
+        for iid, inst in self._instances.items():
             clock = self._clock[iid]
             if inst["status"] == "booting" and now - clock["booted"] >= self.boot_seconds:
                 inst.update(status="active", ip=self.instance_ip, private_ip=f"10.19.{int(iid[:2], 16)}.{int(iid[2:4], 16)}",
@@ -180,7 +187,7 @@ class FakeLambdaAPI:
         return inst["status"] != "terminated" or time.monotonic() - clock["ended"] < gone
 
     def _find(self, iid):
-        inst = self.instances.get(iid)
+        inst = self._instances.get(iid)
         if inst is None or not self._visible(inst):
             raise ApiError("global/object-does-not-exist", f"Instance {iid} does not exist.")
         return inst
@@ -188,7 +195,7 @@ class FakeLambdaAPI:
     def _save(self):
         if not self.state_file:
             return
-        state = {"url": self.url, "ssh_port": self.ssh_port, "instances": list(self.instances.values()),
+        state = {"url": self.url, "ssh_port": self.ssh_port, "instances": list(self._instances.values()),
                  "ssh_keys": self.ssh_keys,
                  "launches": len(self.requests_to("POST", "/instance-operations/launch"))}
         tmp = f"{self.state_file}.tmp"
@@ -232,14 +239,14 @@ class FakeLambdaAPI:
             if fs["region"]["name"] != region:
                 raise ApiError("instance-operations/launch/file-system-in-wrong-region",
                                f"File system {fs_name!r} is in {fs['region']['name']}, not {region}.")
-        live = [i for i in self.instances.values() if i["status"] in LIVE]
+        live = [i for i in self._instances.values() if i["status"] in LIVE]
         if self.quota is not None and len(live) >= self.quota:
             raise ApiError("global/quota-exceeded", "Instance quota exceeded.")
         if region not in self.capacity.get(type_name, []):
             raise ApiError("instance-operations/launch/insufficient-capacity",
                            "Not enough capacity to fulfill launch request.")
         iid = secrets.token_hex(16)
-        self.instances[iid] = {
+        self._instances[iid] = {
             "id": iid, "name": name, "ip": None, "private_ip": None, "status": "booting",
             "ssh_key_names": keys, "file_system_names": file_systems, "region": _region(region),
             "instance_type": _instance_type(type_name), "hostname": None, "jupyter_token": None,
@@ -251,7 +258,7 @@ class FakeLambdaAPI:
         return {"instance_ids": [iid]}
 
     def get_instances(self, body):
-        return [i for i in self.instances.values() if self._visible(i)]
+        return [i for i in self._instances.values() if self._visible(i)]
 
     def get_instance(self, body, iid):
         return self._find(iid)
@@ -327,7 +334,8 @@ class FakeLambdaAPI:
     )
 
     def handle(self, method, path, headers, body):
-        """Returns (status, payload, extra headers) for one request."""
+        """Returns (status, JSON text, extra headers) for one request; serialised under the lock, as
+        other threads move the same instances along."""
         with self._lock:
             self.requests.append((method, path, body))
             try:
@@ -343,15 +351,15 @@ class FakeLambdaAPI:
                 data = self._route(method, path, body)
                 if failure:
                     raise failure
-                return 200, {"data": data}, {}
+                return 200, json.dumps({"data": data}), {}
             except Exception as exc:  # a bug in the fake: answer 500 and keep it for the test to see
                 if not isinstance(exc, ApiError):
                     self.crashes.append(repr(exc))
                     exc = ApiError("global/internal-error", "Fake crashed.", 500)
                 if exc.code is None:
-                    return exc.status, {}, exc.headers
+                    return exc.status, "{}", exc.headers
                 error = {"code": exc.code, "message": exc.message}
-                return exc.status, {"error": error}, exc.headers
+                return exc.status, json.dumps({"error": error}), exc.headers
 
     def _route(self, method, path, body):
         for route_method, pattern, func in self.ROUTES:
@@ -397,8 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith(PREFIX):
             status, payload, headers = api.handle(self.command, path[len(PREFIX):], self.headers, body)
         else:
-            status, payload, headers = 404, {}, {}
-        data = json.dumps(payload).encode()
+            status, payload, headers = 404, "{}", {}
+        data = payload.encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
