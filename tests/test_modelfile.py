@@ -181,30 +181,30 @@ def test_system_with_triple_quotes_is_refused():
 # The Go template subset: semantics Ollama's engine (Go text/template) has.
 
 
-@pytest.mark.parametrize(
-    ("source", "data", "expected"),
-    [
-        ("a  {{- .X -}}  b", {"X": "x"}, "axb"),
-        ("a {{ .X }} b", {"X": "x"}, "a x b"),
-        ("{{ if .X }}yes{{ else }}no{{ end }}", {"X": ""}, "no"),
-        ("{{ if and .X .Y }}both{{ end }}", {"X": "1", "Y": []}, ""),
-        ('{{ or .X "default" }}', {"X": ""}, "default"),
-        ("{{ and .X .Y }}", {"X": "x", "Y": "y"}, "y"),
-        ("{{ not .X }}", {"X": []}, "true"),
-        ('{{ eq .X "a" "b" }}', {"X": "b"}, "true"),
-        (
-            "{{ range $i, $m := .L }}{{ $i }}={{ $m.N }};{{ end }}",
-            {"L": [{"N": "p"}, {"N": "q"}]},
-            "0=p;1=q;",
-        ),
-        ("{{ range .L }}x{{ else }}empty{{ end }}", {"L": []}, "empty"),
-        ("{{ len (slice .L 1) }}", {"L": [1, 2, 3]}, "2"),
-        ("{{ $x := .X }}{{ range .L }}{{ $x }}{{ . }}{{ end }}", {"X": "-", "L": [1, 2]}, "-1-2"),
-        ("{{ range .L }}{{ $.X }}{{ end }}", {"X": "r", "L": [1, 2]}, "rr"),
-        ('{{ "a\\nb" }}', {}, "a\nb"),
-        ("{{/* comment */}}text", {}, "text"),
-    ],
-)
+GO_TEMPLATE_CASES = [
+    ("a  {{- .X -}}  b", {"X": "x"}, "axb"),
+    ("a {{ .X }} b", {"X": "x"}, "a x b"),
+    ("{{ if .X }}yes{{ else }}no{{ end }}", {"X": ""}, "no"),
+    ("{{ if and .X .Y }}both{{ end }}", {"X": "1", "Y": []}, ""),
+    ('{{ or .X "default" }}', {"X": ""}, "default"),
+    ("{{ and .X .Y }}", {"X": "x", "Y": "y"}, "y"),
+    ("{{ not .X }}", {"X": []}, "true"),
+    ('{{ eq .X "a" "b" }}', {"X": "b"}, "true"),
+    (
+        "{{ range $i, $m := .L }}{{ $i }}={{ $m.N }};{{ end }}",
+        {"L": [{"N": "p"}, {"N": "q"}]},
+        "0=p;1=q;",
+    ),
+    ("{{ range .L }}x{{ else }}empty{{ end }}", {"L": []}, "empty"),
+    ("{{ len (slice .L 1) }}", {"L": [1, 2, 3]}, "2"),
+    ("{{ $x := .X }}{{ range .L }}{{ $x }}{{ . }}{{ end }}", {"X": "-", "L": [1, 2]}, "-1-2"),
+    ("{{ range .L }}{{ $.X }}{{ end }}", {"X": "r", "L": [1, 2]}, "rr"),
+    ('{{ "a\\nb" }}', {}, "a\nb"),
+    ("{{/* comment */}}text", {}, "text"),
+]
+
+
+@pytest.mark.parametrize(("source", "data", "expected"), GO_TEMPLATE_CASES)
 def test_go_template_subset(source, data, expected):
     assert GoTemplate(source).execute(data) == expected
 
@@ -216,3 +216,87 @@ def test_go_template_subset(source, data, expected):
 def test_go_template_refuses_what_it_does_not_implement(source):
     with pytest.raises(GoTemplateError):
         GoTemplate(source).execute({"X": "x"})
+
+
+GO_EXECUTOR = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+// Executes each {template, data} case with Go's text/template, as Ollama does.
+func main() {
+	var cases []struct {
+		Template string         `json:"template"`
+		Data     map[string]any `json:"data"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	outputs := []string{}
+	for _, c := range cases {
+		var out strings.Builder
+		t := template.Must(template.New("").Option("missingkey=zero").Parse(c.Template))
+		if err := t.Execute(&out, c.Data); err != nil {
+			panic(err)
+		}
+		outputs = append(outputs, out.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(outputs)
+}
+"""
+
+
+def test_template_renders_like_gos_text_template(tmp_path):
+    """The interpreter against the real engine, where a Go toolchain is installed."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain to compare with (apt-get install golang-go)")
+    (tmp_path / "main.go").write_text(GO_EXECUTOR)
+    (tmp_path / "go.mod").write_text("module executor\n\ngo 1.19\n")
+    env = {
+        **os.environ,
+        "GOCACHE": str(tmp_path / "cache"),
+        "GOPATH": str(tmp_path / "gopath"),
+        "GOFLAGS": "-mod=mod",
+    }
+    subprocess.run([go, "build", "-o", "executor", "."], cwd=tmp_path, env=env, check=True, timeout=300)
+
+    chats = [
+        [SYSTEM, *TWO_TURNS],
+        [*TWO_TURNS, {"role": "assistant", "content": "Madrid"}],
+        [
+            {"role": "user", "content": " spaced \n"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "{{ .X }}"},
+        ],
+        [],
+    ]
+    cases = [
+        {
+            "template": LLAMA3_TEMPLATE,
+            "data": {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in chat]},
+        }
+        for chat in chats
+    ]
+    expected = [render_prompt(chat) for chat in chats]
+    for source, data, _ in GO_TEMPLATE_CASES:
+        cases.append({"template": source, "data": data})
+        expected.append(GoTemplate(source).execute(data))
+    done = subprocess.run(
+        [str(tmp_path / "executor")],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert json.loads(done.stdout) == expected
