@@ -223,11 +223,11 @@ class LambdaCloudClient:
         try:
             data = self._request("POST", "/instance-operations/launch", body, reconcile=reconcile)
         except ServerError as exc:
-            if name:
-                exc.suggestion += (
-                    f" An instance named {name!r} may have been created anyway: check `lt status` "
-                    f"and end it with `lt down`."
-                )
+            what = f"An instance named {name!r}" if name else "An instance"
+            exc.suggestion += (
+                f" {what} may have been created anyway: check `lt status` or the Lambda Cloud dashboard "
+                "and terminate it if it is there."
+            )
             raise
         finally:
             self._last_launch = time.monotonic()

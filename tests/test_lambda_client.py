@@ -314,3 +314,13 @@ def test_ssh_keys_images_and_file_systems(api, client):
     assert {image["family"] for image in client.list_images()} == {"lambda-stack-22-04"}
     api.add_file_system("datasets", region="us-east-1")
     assert [fs["name"] for fs in client.list_file_systems()] == ["datasets"]
+
+
+def test_a_launch_that_keeps_failing_warns_that_an_instance_may_exist(api):
+    client = lambda_client(api, max_retries=1)
+    api.fail_next(LAUNCH, 503, times=2)
+    with pytest.raises(ServerError) as caught:
+        launch_one(client, name="maybe")
+    assert "An instance named 'maybe' may have been created anyway" in str(caught.value)
+    # Before the retry the client looked for an instance of that name (none), then tried again.
+    assert len(api.requests_to("POST", LAUNCH)) == 2 and len(api.requests_to("GET", "/instances")) == 3
