@@ -342,7 +342,7 @@ class BuildStats:
 class TrainingData(NamedTuple):
     dataset: object  # datasets.Dataset with input_ids and assistant_masks
     stats: BuildStats
-    examples: list[dict]  # the same rows as plain dicts (for samples and reports)
+    examples: list[dict]  # the same rows as plain dicts, with "where" (path:line), for samples and reports
 
 
 def tokenize_split(
@@ -406,7 +406,9 @@ def tokenize_split(
         stats.kept += 1
         stats.total_tokens += len(tokens["input_ids"])
         stats.loss_tokens += sum(tokens["assistant_masks"])
-        examples.append({"input_ids": tokens["input_ids"], "assistant_masks": tokens["assistant_masks"]})
+        examples.append(
+            {"input_ids": tokens["input_ids"], "assistant_masks": tokens["assistant_masks"], "where": where}
+        )
     if stats.conversations and not examples and not problems:
         problems.append(
             Problem(
