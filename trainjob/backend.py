@@ -35,6 +35,8 @@ class Backend:
     bf16: bool
     fp16: bool
     use_cpu: bool
+    # TRL's fused LM-head loss (no full-vocabulary logits) runs on Triton kernels: CUDA only.
+    fused_loss: bool
     device_name: str
     why: str
 
@@ -76,7 +78,7 @@ def choose_backend(load_in_4bit: bool | None = None, optim: str | None = None) -
                 "load_in_4bit is true, but 4-bit loading needs a CUDA GPU; set it to null or false here"
             )
         backend = Backend(name=CPU, dtype="float32", load_in_4bit=False, optim=optim or "adamw_torch",
-                          bf16=False, fp16=False, use_cpu=True, device_name="cpu", why=why)
+                          bf16=False, fp16=False, use_cpu=True, fused_loss=False, device_name="cpu", why=why)
     else:
         has_bnb = importlib.util.find_spec("bitsandbytes") is not None
         four_bit = has_bnb if load_in_4bit is None else load_in_4bit
@@ -91,11 +93,12 @@ def choose_backend(load_in_4bit: bool | None = None, optim: str | None = None) -
             bf16=bf16,
             fp16=not bf16,
             use_cpu=False,
+            fused_loss=importlib.util.find_spec("triton") is not None,
             device_name=torch.cuda.get_device_name(0),
             why=why,
         )
-    log.info("backend: %s (%s); %s, 4-bit %s, optimizer %s, on %s", backend.name, backend.why,
-             backend.dtype, backend.load_in_4bit, backend.optim, backend.device_name)
+    log.info("backend: %s (%s); %s, 4-bit %s, optimizer %s, fused loss %s, on %s", backend.name, backend.why,
+             backend.dtype, backend.load_in_4bit, backend.optim, backend.fused_loss, backend.device_name)
     return backend
 
 
