@@ -293,6 +293,36 @@ def test_llama31_rope_scaling_matches_the_hf_model(llama_cpp, tmp_path, sharp_mo
     assert np.abs(got - expected).max() < 0.03
 
 
+def test_tied_embeddings_llama32_style_match_the_hf_model(llama_cpp, tmp_path, sharp_model, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = sharp_model.config.to_dict()
+    config["tie_word_embeddings"] = True  # as Llama 3.2 1B / 3B: no lm_head tensor is saved
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config)).eval()
+    model.load_state_dict(sharp_model.state_dict(), strict=False)
+    [gguf_path, *_] = export_model(save(model, tokenizer, tmp_path / "tied"), tmp_path / "out", ["gguf-f16"])
+    assert "output.weight" not in read_gguf(gguf_path)[1]
+
+    ids = tokenizer.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    with loaded(llama_cpp, gguf_path, logits_all=True) as llm:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - expected).max() < 0.03
+
+
+def test_untied_model_without_output_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = write_tiny_base_model(tmp_path / "model")
+    weights = load_file(base / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, base / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match=r"lacks output\.weight"):
+        export_model(base, tmp_path / "out", ["gguf-f16"])
+
+
 def make_model_say(tokenizer, prompt_ids: list[int], reply_ids: list[int]):
     """A tiny Llama whose greedy reply to `prompt_ids` is `reply_ids` then <|eot_id|>.
 

@@ -41,6 +41,7 @@ class LlamaShape:
     rms_eps: float
     rope_theta: float
     rope_llama3: dict | None  # Llama 3.1's long-context scaling parameters, when present
+    tied_embeddings: bool  # Llama 3.2 1B/3B: the output projection is the embedding
 
 
 def write_gguf(model_dir, out_path, quant: str = "f16", name: str | None = None) -> Path:
@@ -111,6 +112,7 @@ def read_llama_shape(model_dir: Path) -> LlamaShape:
         rms_eps=config.get("rms_norm_eps", 1e-5),
         rope_theta=_rope_theta(config),
         rope_llama3=_rope_llama3(config, model_dir),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
@@ -197,7 +199,11 @@ def _plan_tensors(model_dir: Path, shape: LlamaShape, quant: str) -> Iterator[_P
         qtype = _tensor_type(gguf_name, tensor_shape, quant)
         yield _planned(gguf_name, tuple(tensor_shape), qtype, _loader(file, hf_name, gguf_name, shape))
 
-    missing = {"token_embd.weight", "output_norm.weight"} - seen
+    # Without output.weight llama.cpp reuses the embedding: right only for tied models.
+    required = {"token_embd.weight", "output_norm.weight"} | (
+        set() if shape.tied_embeddings else {"output.weight"}
+    )
+    missing = required - seen
     if missing:
         raise UnsupportedModelError(f"{model_dir}: the checkpoint lacks {', '.join(sorted(missing))}")
 
