@@ -147,8 +147,19 @@ class RunRecord:
 def validate(config_path: Path) -> tuple[JobConfig, Backend]:
     """Read the config and pick the backend; Unsloth must be imported before transformers is."""
     config = load_job_config(config_path)
+    if config.export and _has_export_stage():
+        from .export import parse_formats
+
+        try:
+            parse_formats(config.export)
+        except ValueError as exc:  # found now, not after hours of training
+            raise JobConfigError(f"{config_path}: 'export': {exc}") from exc
     backend = choose_backend(load_in_4bit=config.load_in_4bit, optim=config.optim)
     return config, backend
+
+
+def _has_export_stage() -> bool:
+    return importlib.util.find_spec(f"{__package__}.export") is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +458,8 @@ def save(job: Job, trained: Trained, record: RunRecord) -> Saved:
     del merged
     _free_cuda()
 
+    if config.export:
+        record.enter("export")
     exports = export_formats(config, out)
 
     record.enter("card")
@@ -474,13 +487,15 @@ def export_formats(config: JobConfig, out: Path) -> list[Path]:
     """GGUF and friends, when asked for and when the export stage is shipped with the job."""
     if not config.export:
         return []
-    if importlib.util.find_spec(f"{__package__}.export") is None:
+    if not _has_export_stage():
         log.warning("export %s requested, but this job has no export stage; skipped", config.export)
         return []
-    from . import export
+    from .export import export_model
 
-    progress.emit("stage", stage="export")
-    return [Path(p) for p in export.export_model(out / outputs.MERGED_DIR, out / EXPORT_DIR, list(config.export))]
+    # The Ollama model is named after the Hub repo (or the run), not after the "merged" folder.
+    name = (config.hub_repo or config.run_id).split("/")[-1]
+    paths = export_model(out / outputs.MERGED_DIR, out / EXPORT_DIR, list(config.export), model_name=name)
+    return [Path(p) for p in paths]
 
 
 def _card_settings(config: JobConfig, trained: Trained) -> dict[str, Any]:
