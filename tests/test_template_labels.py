@@ -121,6 +121,40 @@ def test_llama31_template_renders_the_official_format(tokenizer):
     assert without_system == LLAMA31_SYSTEM_BLOCK + "<|eot_id|>" + turns
 
 
+def meta_template(name: str) -> str:
+    """Meta's own Llama 3.x chat template, as TRL ships it (a reference to compare against)."""
+    from importlib.resources import files
+
+    path = files("trl") / "chat_templates" / f"{name}.jinja"
+    if not path.is_file():
+        pytest.skip(f"trl no longer ships {name}.jinja")
+    return path.read_text()
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATION, CONVERSATION[1:]], ids=["system", "no-system"])
+def test_our_templates_render_like_metas(tokenizer, conversation):
+    for ours, theirs in ((LLAMA3_CHAT_TEMPLATE, "llama3"), (LLAMA31_CHAT_TEMPLATE, "llama3_1")):
+        for prompt in (False, True):
+            messages = conversation[:-1] if prompt else conversation
+            assert tokenizer.apply_chat_template(
+                messages, chat_template=ours, tokenize=False, add_generation_prompt=prompt
+            ) == tokenizer.apply_chat_template(
+                messages, chat_template=meta_template(theirs), tokenize=False, add_generation_prompt=prompt
+            )
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "llama3_2"])
+def test_metas_own_31_and_32_templates_mask_correctly(tokenizer, name):
+    # A 3.1/3.2 checkpoint brings Meta's full template (tools, dates); "auto" keeps it.
+    tokenizer.chat_template = meta_template(name)
+
+    info = prepare_tokenizer(tokenizer)
+    tokens = tokenize_conversation(tokenizer, CONVERSATION)
+
+    assert (info.family, info.template_source) == ("llama-3.1", "tokenizer")
+    assert_loss_is_exactly_the_assistant_replies(tokenizer, CONVERSATION, tokens)
+
+
 @pytest.mark.parametrize(
     ("name", "family"),
     [

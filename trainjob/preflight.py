@@ -43,6 +43,7 @@ class PreflightReport:
     policy: str
     template: TemplateInfo | None = None
     files: dict[str, list[str]] = field(default_factory=dict)
+    conversations: dict[str, int] = field(default_factory=dict)  # valid ones per split
     splits: dict[str, BuildStats] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
@@ -93,7 +94,7 @@ class PreflightReport:
         """The report for people: counts, token table, the sample, then warnings and problems."""
         lines = [f"Dataset: {self.dataset}"]
         for name, files in self.files.items():
-            count = self.splits[name].conversations if name in self.splits else 0
+            count = self.conversations.get(name, 0)
             lines.append(f"  {name:<11}{count:>6} conversations  {', '.join(files)}")
         if self.template:
             t = self.template
@@ -176,6 +177,7 @@ def run_preflight(
         dataset, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir, strict=False
     )
     report.files = dict(chats.files)
+    report.conversations = {name: len(conversations) for name, conversations in chats.items()}
     report.problems.extend(chats.problems)
     report.warnings.extend(chats.warnings)
     if "train" in chats and "validation" not in chats:
