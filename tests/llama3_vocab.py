@@ -142,6 +142,7 @@ def _rebuild_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
+    out_dir.chmod(0o755)  # mkdtemp makes it private; other test processes read it too
 
 
 def load_llama3_tokenizer(download: bool = True):
