@@ -169,7 +169,9 @@ def _tokens_and_types(tokenizer: dict, path: Path) -> tuple[list[str], list[int]
     count = max(by_id) + 1
     gaps = [i for i in range(count) if i not in by_id]
     if gaps:
-        raise UnsupportedModelError(f"{path}: token ids {gaps[:5]}... have no token; the vocabulary has holes")
+        raise UnsupportedModelError(
+            f"{path}: token ids {gaps[:5]}... have no token; the vocabulary has holes"
+        )
     return [by_id[i][0] for i in range(count)], [int(by_id[i][1]) for i in range(count)]
 
 
