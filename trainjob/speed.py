@@ -353,6 +353,9 @@ def choose_speed_plan(device: DeviceInfo, model_config, *, max_seq_length: int, 
     if "checkpointing" in forced:
         checkpointing, reasons["checkpointing"] = forced["checkpointing"], f"forced by {SPEED_ENV}"
         every = int(forced.get("every_n_layers", 2)) if checkpointing == "selective" else 1
+    if checkpointing == "offloaded" and not cuda:
+        # transformers pins host memory for the offloaded copies, which needs an accelerator.
+        checkpointing, reasons["checkpointing"] = "full", "offloading needs a GPU: full checkpointing instead"
 
     compile_layers = forced.get("compile") == "on"
     reasons["compile"] = f"forced by {SPEED_ENV}" if "compile" in forced else "off until measured faster here"
