@@ -64,6 +64,8 @@ def test_job_trains_merges_and_pushes_a_model_users_can_load(fake_hub, hub_env, 
                               eval_steps=4, save_steps=4)
     env = {**hub_env, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
+    # A Hub hiccup on the first commit (a checkpoint push): retried, nothing lost.
+    fake_hub.fail_next("commit", 503, times=1)
 
     job = run_job(config, env, tmp_path)
     print(f"job took {job.seconds:.1f} s")
@@ -103,6 +105,7 @@ def test_job_trains_merges_and_pushes_a_model_users_can_load(fake_hub, hub_env, 
     assert result["test_loss"] == pytest.approx(job.one("test")["test_loss"], abs=1e-5)
     assert result["hub"]["repo"] == MODEL_REPO and result["hub"]["confirmed"] is True
     assert result["hub"]["checkpoints_pushed"] == [4, 8, 12, 16]
+    assert [r.status for r in fake_hub.requests_to("commit")].count(503) == 1
     assert result["backend"]["name"] == "cpu"
 
     # Everything stays in the output dir as well.
@@ -155,3 +158,20 @@ def test_job_trains_merges_and_pushes_a_model_users_can_load(fake_hub, hub_env, 
     assert len(run.series("train/tokens_per_s")) == MAX_STEPS
     assert run.series("eval/loss")[-1] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
     assert run.summary["test/loss"] == pytest.approx(result["test_loss"], abs=1e-5)
+
+
+def test_a_missing_dataset_fails_before_training_and_says_so(fake_hub, hub_env, tmp_path):
+    upload_base_and_chats(fake_hub, tmp_path)
+    config = write_job_config(tmp_path, dataset="tester/no-such-chats", hub_repo=MODEL_REPO)
+    env = {**hub_env, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+
+    job = run_job(config, env, tmp_path)
+
+    assert job.returncode == 2, job.stderr[-4000:]  # bad input, not a crash
+    error = job.one("error")
+    assert error["stage"] == "data" and "tester/no-such-chats" in error["message"]
+    assert not job.of("step") and job.one("done")["status"] == "failed"
+    result = json.loads((tmp_path / "outputs" / "result.json").read_text())
+    assert (result["status"], result["stage"]) == ("failed", "data")
+    assert "tester/no-such-chats" in result["error"]
+    assert ("model", MODEL_REPO) not in fake_hub.repos  # nothing was pushed
