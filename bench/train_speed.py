@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -68,20 +69,28 @@ SHAPES = {
                        max_seq_length=4096, batch_size=2),
 }
 
-# Rows after the baseline: (name, speed-plan overrides, memory cap in GiB). Each adds one step to the one
-# before, so their differences measure that step; "ours" is the plan chosen for the machine as is.
+@dataclass(frozen=True)
+class RowSpec:
+    overrides: dict[str, str]
+    memory_cap_gib: float | None = None
+    load_in_4bit: bool = False
+
+
+# Rows after the baseline. Each of the first five adds one step to the row before it, so their
+# differences measure that step; "ours" is the plan chosen for the machine as it is.
 # Order matters: Liger patches transformers' Llama module for every model built after it.
 LADDER = {
-    "packed": ({"attention": "sdpa", "liger": "off", "checkpointing": "full", "fused_loss": "model"}, None),
-    "+fused-loss": ({"attention": "sdpa", "liger": "off", "checkpointing": "full"}, None),
-    "+liger": ({"attention": "sdpa", "checkpointing": "full"}, None),
-    "+varlen": ({"checkpointing": "full"}, None),
-    "ours": ({}, None),
-    "ours-24g": ({}, 24),
-    "ours+compile": ({"compile": "on"}, None),
+    "packed": RowSpec({"attention": "sdpa", "liger": "off", "checkpointing": "full", "fused_loss": "model"}),
+    "+fused-loss": RowSpec({"attention": "sdpa", "liger": "off", "checkpointing": "full"}),
+    "+liger": RowSpec({"attention": "sdpa", "checkpointing": "full"}),
+    "+varlen": RowSpec({"checkpointing": "full"}),
+    "ours": RowSpec({}),
+    "ours-24g": RowSpec({}, memory_cap_gib=24),
+    "qlora-12g": RowSpec({}, memory_cap_gib=12, load_in_4bit=True),
+    "ours+compile": RowSpec({"compile": "on"}),
 }
 DEFAULT_ROWS = {"cpu": ["baseline", "ours"],
-                "cuda": ["baseline", "packed", "+fused-loss", "+liger", "+varlen", "ours", "ours-24g"]}
+                "cuda": ["baseline", "packed", "+fused-loss", "+liger", "+varlen", "ours", "ours-24g", "qlora-12g"]}
 
 
 @dataclass
@@ -232,23 +241,27 @@ def seed_lora(model, seed: int) -> None:
 
 
 def measure_matmul_flops(device: str) -> float:
-    """Dense matmul FLOP/s here (bf16 on a GPU, fp32 on a CPU): the MFU denominator, measured in this run."""
+    """Dense matmul FLOP/s here (bf16 on a GPU, fp32 on a CPU), the best of three tries: the MFU
+    denominator, measured in this run on this machine."""
     import torch
 
     if device == "cuda":
         n, dtype, repeats = 8192, torch.bfloat16, 10
     else:
-        n, dtype, repeats = 512, torch.float32, 5
+        n, dtype, repeats = 1024, torch.float32, 4
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(3):
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
+    return best
 
 
 def _sync(device: str) -> None:
@@ -402,8 +415,7 @@ def fixed_batch_loss_baseline(model, fixed: list[dict], pad_id: int, device: str
 # Ours: the training job's own functions
 
 
-def run_ours(bench: Bench, fixed: list[dict], name: str, overrides: dict[str, str],
-             memory_cap_gib: float | None) -> Row:
+def run_ours(bench: Bench, fixed: list[dict], name: str, spec: RowSpec) -> Row:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -421,7 +433,7 @@ def run_ours(bench: Bench, fixed: list[dict], name: str, overrides: dict[str, st
         run_id=f"bench-{name.strip('+')}", dataset="synthetic", base_model=str(bench.model_dir),
         max_seq_length=shape.max_seq_length, batch_size=shape.batch_size, gradient_accumulation_steps=1,
         max_steps=bench.warmup + bench.steps, learning_rate=2e-4, warmup_steps=0, logging_steps=1,
-        save_steps=10**6, wandb_project=None, output_dir=str(out), seed=bench.seed, load_in_4bit=False,
+        save_steps=10**6, wandb_project=None, output_dir=str(out), seed=bench.seed, load_in_4bit=spec.load_in_4bit,
     )
     backend = choose_backend(load_in_4bit=config.load_in_4bit, optim=config.optim)
     tokenizer, _ = train.setup_tokenizer(config)
@@ -431,7 +443,8 @@ def run_ours(bench: Bench, fixed: list[dict], name: str, overrides: dict[str, st
     plan = speed.choose_speed_plan(
         speed.probe_device(), model.config, max_seq_length=config.max_seq_length, batch_size=config.batch_size,
         load_in_4bit=backend.load_in_4bit, backend=backend.name, lora_rank=config.lora_r, packing=config.packing,
-        memory_budget=None if memory_cap_gib is None else int(memory_cap_gib * GIB), overrides=overrides)
+        memory_budget=None if spec.memory_cap_gib is None else int(spec.memory_cap_gib * GIB),
+        overrides=dict(spec.overrides))
     plan = speed.apply_speed_plan(model, plan)
     row.plan = plan.describe()
 
@@ -506,7 +519,9 @@ def versions() -> dict[str, str | None]:
 
 
 def run(shape_name: str, steps: int, warmup: int, rows: list[str] | None, seed: int, json_path: Path | None,
-        time_budget_s: float | None, workdir: Path | None) -> dict[str, Any]:
+        time_budget_s: float | None, workdir: Path | None, markdown_path: Path | None = None) -> dict[str, Any]:
+    """Measure each row in turn; the JSON (and markdown) are rewritten after every row, so a run cut
+    short still leaves the rows it finished."""
     import torch
 
     from trainjob.speed import ModelShape, training_flops_per_token
@@ -532,54 +547,87 @@ def run(shape_name: str, steps: int, warmup: int, rows: list[str] | None, seed: 
         count = max(BASELINE_BATCH * (steps + warmup), int((steps + warmup) * per_step * 1.5) + FIXED_BATCH)
         bench.examples = synthetic_chats(tokenizer, count, shape, seed)
         fixed = synthetic_chats(tokenizer, FIXED_BATCH, shape, seed + 1)
-        setup_s = time.perf_counter() - started
+        context = {
+            "shape": shape_name,
+            "model": shape.model | {"vocab": model_config.vocab_size},
+            "data": {"median_tokens": shape.median_tokens, "sigma": shape.sigma,
+                     "clip": [shape.min_tokens, shape.max_tokens], "max_seq_length": shape.max_seq_length,
+                     "baseline_batch": BASELINE_BATCH, "ours_rows_per_step": shape.batch_size,
+                     "conversations": len(bench.examples)},
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "versions": versions(),
+            "steps": steps,
+            "warmup_steps": warmup,
+            "matmul_tflops_measured": bench.peak_flops / 1e12,
+            "flops_per_token": bench.flops_per_token,
+            "setup_s": round(time.perf_counter() - started, 1),
+        }
 
         results: list[Row] = []
         skipped: list[str] = []
+        report = make_report(context, results, skipped, started)
         for name in rows:
             if time_budget_s is not None and results and time.perf_counter() - started > time_budget_s:
-                skipped.append(name)
+                skipped.append(f"{name} (time budget)")
+                continue
+            spec = LADDER.get(name)
+            if spec is not None and spec.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+                skipped.append(f"{name} (bitsandbytes is not installed)")
                 continue
             try:
-                if name == "baseline":
-                    row = run_baseline(bench, fixed)
-                else:
-                    overrides, cap = LADDER[name]
-                    row = run_ours(bench, fixed, name, dict(overrides), cap)
+                row = run_baseline(bench, fixed) if name == "baseline" else run_ours(bench, fixed, name, spec)
             except Exception as exc:  # one failed row must not lose the others' numbers
                 row = Row(name, error=f"{type(exc).__name__}: {exc}")
-                _free()
+            # Out here, the failed row's traceback (and the model it holds) is gone.
+            _free()
             results.append(row)
             print(f"  {name}: {row.tokens_per_s:,.0f} tokens/s, {row.peak_memory_gib:.2f} GiB"
                   f"{'  ERROR ' + row.error if row.error else ''}", file=sys.stderr, flush=True)
+            report = make_report(context, results, skipped, started)
+            write_outputs(report, json_path, markdown_path)
+    report = make_report(context, results, skipped, started)
+    write_outputs(report, json_path, markdown_path)
+    return report
 
+
+def make_report(context: dict[str, Any], results: list[Row], skipped: list[str], started: float) -> dict[str, Any]:
     baseline = next((r for r in results if r.name == "baseline" and not r.error), None)
     for row in results:
         if baseline and row.tokens_per_s and baseline.tokens_per_s:
             row.speedup = row.tokens_per_s / baseline.tokens_per_s
         if baseline and row.loss_fixed_batch is not None and baseline.loss_fixed_batch is not None:
             row.loss_parity = abs(row.loss_fixed_batch - baseline.loss_fixed_batch)
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "shape": shape_name,
-        "model": shape.model | {"vocab": model_config.vocab_size},
-        "data": {"median_tokens": shape.median_tokens, "sigma": shape.sigma, "clip": [shape.min_tokens, shape.max_tokens],
-                 "max_seq_length": shape.max_seq_length, "baseline_batch": BASELINE_BATCH,
-                 "ours_rows_per_step": shape.batch_size},
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "versions": versions(),
-        "steps": steps,
-        "warmup_steps": warmup,
-        "matmul_tflops_measured": bench.peak_flops / 1e12,
-        "flops_per_token": bench.flops_per_token,
-        "setup_s": round(setup_s, 1),
-        "total_s": round(time.perf_counter() - started, 1),
-        "rows": [dataclasses.asdict(row) for row in results],
-        "skipped_rows": skipped,
-    }
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **context,
+            "total_s": round(time.perf_counter() - started, 1),
+            "rows": [dataclasses.asdict(row) for row in results], "skipped_rows": list(skipped)}
+
+
+def write_outputs(report: dict[str, Any], json_path: Path | None, markdown_path: Path | None) -> None:
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    if markdown_path is not None:
+        markdown_path.write_text(format_markdown(report))
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The table with what it was measured on: ready to paste into bench/RESULTS.md."""
+    v = report["versions"]
+    stack = ", ".join(f"{name} {v[name]}" for name in ("torch", "transformers", "trl", "peft", "liger-kernel",
+                                                        "triton", "flash-attn", "bitsandbytes") if v.get(name))
+    lines = [
+        f"### {report['shape']} on {report['device']} ({report['date']})",
+        "",
+        f"Python {v['python']}, CUDA {v.get('cuda')}; {stack}. {report['steps']} timed steps per row after "
+        f"{report['warmup_steps']} warm-up; matmul rate measured in the run: "
+        f"{report['matmul_tflops_measured']:.3g} TFLOP/s (the MFU denominator); 4N = "
+        f"{report['flops_per_token'] / 1e9:.3g} GFLOP/token.",
+        "",
+        format_table(report),
+        "",
+    ]
+    if report["skipped_rows"]:
+        lines += [f"Not measured: {', '.join(report['skipped_rows'])}.", ""]
+    return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -612,15 +660,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help=f"comma-separated, from: baseline, {', '.join(LADDER)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the table, with versions, here")
     parser.add_argument("--time-budget", type=float, help="start no new row after this many seconds")
     parser.add_argument("--workdir", type=Path, help="where the random base model is saved (default: $TMPDIR)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
-    report = run(args.shape, args.steps, args.warmup, rows, args.seed, args.json, args.time_budget, args.workdir)
+    report = run(args.shape, args.steps, args.warmup, rows, args.seed, args.json, args.time_budget, args.workdir,
+                 args.markdown)
     print(f"\n{report['shape']} on {report['device']}, {report['steps']} timed steps per row "
-          f"(+{report['warmup_steps']} warm-up), matmul peak measured {report['matmul_tflops_measured']:.2f} TFLOP/s\n")
+          f"(+{report['warmup_steps']} warm-up), matmul peak measured {report['matmul_tflops_measured']:.3g} TFLOP/s\n")
     print(format_table(report))
     return 0 if all(not row["error"] for row in report["rows"]) else 1
 
