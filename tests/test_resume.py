@@ -72,3 +72,35 @@ def test_killed_run_resumes_from_the_pushed_checkpoint(fake_hub, hub_env, tmp_pa
     pushed_state = json.loads(fake_hub.read_file(MODEL_REPO, "last-checkpoint/trainer_state.json"))
     assert pushed_state["global_step"] == MAX_STEPS
     assert "model.safetensors" in fake_hub.list_files(MODEL_REPO)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_cleanly(fake_hub, hub_env, tmp_path):
+    """What the watchdog or `lt down` sends: the job checkpoints, stops, says so, and finishes W&B."""
+    from tests.wandb_reader import find_run_files, read_run
+
+    upload_base_and_chats(fake_hub, tmp_path)
+    config = write_job_config(tmp_path, run_id="tiny-term", max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
+    env = {**hub_env, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+
+    proc = start_job(config, env, tmp_path)
+    try:
+        read_events(proc, stop_when=lambda e: e["event"] == "step")
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = read_events(proc)
+        proc.wait(60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, proc.log_path.read_text()[-4000:]
+    # It stopped at the next step boundary with a checkpoint to resume from, not at the end.
+    stopped_at = [e for e in rest if e["event"] == "checkpoint"][-1]["step"]
+    assert stopped_at == [e for e in rest if e["event"] == "step"][-1]["step"] < MAX_STEPS
+    assert (tmp_path / "outputs" / "checkpoints" / f"checkpoint-{stopped_at}" / "trainer_state.json").is_file()
+    error = next(e for e in rest if e["event"] == "error")
+    assert error["stage"] == "train" and "SIGTERM" in error["message"] and f"step {stopped_at}" in error["message"]
+    assert rest[-1] == {"event": "done", "result": str(tmp_path / "outputs" / "result.json"), "status": "failed"}
+    result = json.loads((tmp_path / "outputs" / "result.json").read_text())
+    assert (result["status"], result["stage"], result["steps"]) == ("failed", "train", stopped_at)
+    [run_file] = find_run_files(tmp_path / "wandb")
+    assert read_run(run_file).exit_code == 143

@@ -55,6 +55,38 @@ class Terminated(Exception):
     """SIGTERM: stop like any failure, so W&B is finished and checkpoint uploads complete."""
 
 
+class GracefulStop:
+    """SIGTERM during training ends it at the next step boundary with a checkpoint (pushed when
+    there is a repo), so the run can resume; anywhere else, or a second time, it stops at once."""
+
+    def __init__(self) -> None:
+        self.training = False
+        self.requested = False
+
+    def handle(self, signum, frame) -> None:
+        if self.training and not self.requested:
+            self.requested = True
+            log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+            return
+        raise Terminated("terminated (SIGTERM)")
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopAtStepEnd(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.requested:
+                    control.should_training_stop = True
+                    control.should_save = True
+
+        return StopAtStepEnd()
+
+
+GRACEFUL_STOP = GracefulStop()
+
+
 @dataclass
 class Splits:
     train: Any
@@ -392,7 +424,7 @@ def setup(config: JobConfig, backend: Backend, resume: bool, record: RunRecord) 
         "wandb": job.tracker.mode,
     }
     callbacks = [progress.progress_callback(start_fields, on_step=job.tracker.log_step),
-                 publish.checkpoint_push_callback(job.pusher)]
+                 publish.checkpoint_push_callback(job.pusher), GRACEFUL_STOP.callback()]
     job.trainer = build_trainer(job.model, job.tokenizer, sft_config, job.splits.train, job.splits.validation,
                                 callbacks, fused_loss=backend.fused_loss)
     return job
@@ -411,8 +443,16 @@ def _seed_everything(seed: int) -> None:
 def train(job: Job) -> Trained:
     trainer = job.trainer
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+    GRACEFUL_STOP.training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+    finally:
+        GRACEFUL_STOP.training = False
     train_seconds = time.monotonic() - started
+    if GRACEFUL_STOP.requested:
+        job.pusher.wait()
+        raise Terminated(f"terminated (SIGTERM) at step {trainer.state.global_step}; "
+                         "the checkpoint there lets --resume continue")
     history = list(trainer.state.log_history)
 
     test_loss = None
@@ -615,6 +655,8 @@ def cleanup(job: Job | None, record: RunRecord, output_dir: Path | None, exit_co
         except Exception as exc:
             log.warning("checkpoint upload did not finish: %s", exc)
         record.hub["checkpoints_pushed"] = job.pusher.pushed_steps
+    if job is not None and job.trainer is not None and record.steps is None:
+        record.steps, record.max_steps = job.trainer.state.global_step, job.trainer.state.max_steps
     if job is not None:
         job.tracker.finish(exit_code=exit_code)
     # result.json names the stage that failed, or "done".
@@ -624,10 +666,6 @@ def cleanup(job: Job | None, record: RunRecord, output_dir: Path | None, exit_co
     output_dir.mkdir(parents=True, exist_ok=True)
     result_path = outputs.write_result(output_dir / outputs.RESULT, record.to_dict())
     progress.emit("done", result=str(result_path), status=record.status)
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated("terminated (SIGTERM)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -647,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     progress.claim_stdout()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, GRACEFUL_STOP.handle)
     return run(args.config, args.resume)
 
 
