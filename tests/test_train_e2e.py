@@ -104,6 +104,7 @@ def test_job_trains_merges_and_pushes_a_model_users_can_load(fake_hub, hub_env, 
     assert result["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
     assert result["test_loss"] == pytest.approx(job.one("test")["test_loss"], abs=1e-5)
     assert result["hub"]["repo"] == MODEL_REPO and result["hub"]["confirmed"] is True
+    assert result["hub"]["url"] == f"{fake_hub.url}/{MODEL_REPO}"
     assert result["hub"]["checkpoints_pushed"] == [4, 8, 12, 16]
     assert [r.status for r in fake_hub.requests_to("commit")].count(503) == 1
     assert result["backend"]["name"] == "cpu"

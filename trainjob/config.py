@@ -20,7 +20,7 @@ from typing import Any
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHAT_TEMPLATES = ("auto", "llama-3", "llama-3.1")
-LONG_CONVERSATION_POLICIES = ("drop", "fail")
+LONG_CONVERSATION_POLICIES = ("drop", "fail", "truncate")
 LR_SCHEDULERS = (
     "linear",
     "cosine",

@@ -72,12 +72,21 @@ def hub_api():
     return HfApi()
 
 
+def repo_url(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
+
+
 def ensure_repo(repo_id: str, private: bool) -> str:
-    """Create the model repo if it does not exist (private unless asked otherwise); return its URL."""
+    """Create the model repo if it does not exist (private unless asked otherwise).
+
+    Returns the full "owner/name" id: a bare name lands in the token owner's namespace.
+    """
     api = hub_api()
     url = with_retries(lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True),
                        f"creating {repo_id}")
-    return str(url)
+    return url.repo_id or repo_id
 
 
 @dataclass
@@ -93,7 +102,7 @@ def push_files(repo_id: str, files: dict[str, Path], message: str, private: bool
     from huggingface_hub import CommitOperationAdd
 
     api = hub_api()
-    ensure_repo(repo_id, private)
+    repo_id = ensure_repo(repo_id, private)
 
     def attempt() -> PushResult:
         # Fresh operations each time: a failed attempt leaves upload state on the old ones.

@@ -584,8 +584,9 @@ def publish_outputs(job: Job, saved: Saved) -> dict[str, Any]:
         files.update(publish.files_under(path) if path.is_dir() else {path.name: path})
     pushed = publish.push_files(config.hub_repo, files, f"Fine-tuned model from run {config.run_id}",
                                 private=config.hub_private)
-    return {"repo": config.hub_repo, "private": config.hub_private, "commit": pushed.commit_oid,
-            "commit_url": pushed.commit_url, "files": len(pushed.files), "confirmed": True}
+    return {"repo": pushed.repo_id, "url": publish.repo_url(pushed.repo_id), "private": config.hub_private,
+            "commit": pushed.commit_oid, "commit_url": pushed.commit_url, "files": len(pushed.files),
+            "confirmed": True}
 
 
 # ---------------------------------------------------------------------------------------------
