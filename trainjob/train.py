@@ -34,6 +34,7 @@ from . import outputs, progress, publish
 from .backend import CPU, TRANSFORMERS_CUDA, Backend, BackendError, choose_backend
 from .config import JobConfig, JobConfigError, load_job_config
 from .data import DataValidationError
+from .template import TemplateError
 from .tracking import Tracker, start_tracking
 
 log = logging.getLogger("trainjob")
@@ -624,7 +625,7 @@ def run(config_path: Path, resume: bool) -> int:
             record.enter("push")
             record.hub.update(publish_outputs(job, saved))
         record.status = "succeeded"
-    except (JobConfigError, BackendError, DataError, DataValidationError) as exc:
+    except (JobConfigError, BackendError, DataError, DataValidationError, TemplateError) as exc:
         exit_code = _fail(record, exc, EXIT_BAD_INPUT)
     except Terminated as exc:
         exit_code = _fail(record, exc, EXIT_TERMINATED)
