@@ -122,6 +122,7 @@ def test_job_trains_merges_and_pushes_a_model_users_can_load(fake_hub, hub_env, 
             "README.md", "loss.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
             "last-checkpoint/trainer_state.json", "last-checkpoint/optimizer.pt"} <= files, sorted(files)
     assert "adapter_config.json" not in files  # at the root it would make transformers load it as an adapter
+    assert b"[More Information Needed]" not in fake_hub.read_file(MODEL_REPO, "adapter/README.md")
     pushed_state = json.loads(fake_hub.read_file(MODEL_REPO, "last-checkpoint/trainer_state.json"))
     assert pushed_state["global_step"] == MAX_STEPS
 

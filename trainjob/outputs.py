@@ -37,6 +37,10 @@ def save_adapter(model, tokenizer, out_dir: Path, merge_base_model: str) -> Path
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = merge_base_model
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    # PEFT leaves a blank template card here; say what the folder is instead.
+    (out_dir / CARD).write_text(
+        f"# LoRA adapter\n\nApply to [{merge_base_model}]({_hub_link(merge_base_model)}) with PEFT; "
+        "the merged model and the full model card are one folder up.\n", encoding="utf-8")
     log.info("adapter saved to %s", out_dir)
     return out_dir
 
@@ -219,6 +223,15 @@ def write_model_card(path: Path, facts: CardFacts) -> Path:
         "                                       return_dict=True).to(model.device)",
         "output = model.generate(**inputs, max_new_tokens=256)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "The adapter alone, on the 16-bit base:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{facts.base_model}", dtype="auto", device_map="auto")',
+        f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="adapter")',
         "```",
         "",
     ]
