@@ -297,14 +297,17 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def build_sft_config(config: JobConfig, backend: Backend, output_dir: Path, *, report_to: str = "none",
-                     has_validation: bool = True, eval_on_start: bool = False):
-    """Training arguments from the job config: one place, so tests train exactly as the job does."""
+                     has_validation: bool = True, eval_on_start: bool = False, **overrides):
+    """Training arguments from the job config: one place, so tests train exactly as the job does.
+
+    `overrides` replace single arguments (e.g. a speed plan's activation checkpointing).
+    """
     from trl import SFTConfig
 
     # Ratios of the run's length when unset: five evaluations, a checkpoint at each.
     eval_steps = config.eval_steps or 0.2
     save_steps = config.save_steps or eval_steps
-    return SFTConfig(
+    arguments = dict(
         output_dir=str(output_dir / CHECKPOINTS_DIR),
         run_name=config.wandb_run_name,
         report_to=report_to,
@@ -344,6 +347,7 @@ def build_sft_config(config: JobConfig, backend: Backend, output_dir: Path, *, r
         save_steps=save_steps,
         save_total_limit=2,
     )
+    return SFTConfig(**{**arguments, **overrides})
 
 
 def build_trainer(model, tokenizer, sft_config, train_dataset, eval_dataset=None, callbacks=(),
