@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -440,17 +441,24 @@ def run_ours(bench: Bench, fixed: list[dict], name: str, spec: RowSpec) -> Row:
     model = train.setup_model(config, backend, tokenizer)
     seed_lora(model, bench.seed)
 
-    plan = speed.choose_speed_plan(
-        speed.probe_device(), model.config, max_seq_length=config.max_seq_length, batch_size=config.batch_size,
-        load_in_4bit=backend.load_in_4bit, backend=backend.name, lora_rank=config.lora_r, packing=config.packing,
-        memory_budget=None if spec.memory_cap_gib is None else int(spec.memory_cap_gib * GIB),
-        overrides=dict(spec.overrides))
-    plan = speed.apply_speed_plan(model, plan)
+    memory_budget = None if spec.memory_cap_gib is None else int(spec.memory_cap_gib * GIB)
+    if hasattr(train, "setup_speed"):
+        plan = train.setup_speed(config, backend, model, overrides=dict(spec.overrides), memory_budget=memory_budget)
+    else:  # until train.py calls the speed plan itself: the same two calls
+        plan = speed.apply_speed_plan(model, speed.choose_speed_plan(
+            speed.probe_device(), model.config, max_seq_length=config.max_seq_length,
+            batch_size=config.batch_size, load_in_4bit=backend.load_in_4bit, backend=backend.name,
+            lora_rank=config.lora_r, packing=config.packing, overrides=dict(spec.overrides),
+            memory_budget=memory_budget))
     row.plan = plan.describe()
 
-    sft_config = train.build_sft_config(config, backend, out, report_to="none", has_validation=False)
-    for key, value in plan.trainer_kwargs().items():
-        setattr(sft_config, key, value)
+    if "speed_plan" in inspect.signature(train.build_sft_config).parameters:
+        sft_config = train.build_sft_config(config, backend, out, report_to="none", has_validation=False,
+                                            speed_plan=plan)
+    else:
+        sft_config = train.build_sft_config(config, backend, out, report_to="none", has_validation=False)
+        for key, value in plan.trainer_kwargs().items():
+            setattr(sft_config, key, value)
     dataset = Dataset.from_dict({"input_ids": [ex["input_ids"] for ex in bench.examples],
                                  "assistant_masks": [ex["assistant_masks"] for ex in bench.examples]})
 

@@ -103,6 +103,18 @@ def test_packed_loss_and_logits_equal_each_document_alone(tokenizer, attention):
     assert (packed.logits[0] - logits_alone).abs().max().item() < 1e-4
 
 
+def test_generation_with_the_varlen_attention_matches_sdpa(tokenizer):
+    """The training model keeps its attention after training; generating with it must still be right."""
+    model = build_tiny_llama(tokenizer, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    prompts = tokenizer(["Hello world, this is", "A spider"], return_tensors="pt", padding=True, padding_side="left")
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    model.set_attn_implementation("sdpa")
+    expected = model.generate(**prompts, **settings)
+    assert speed.register_varlen_attention() is None
+    model.set_attn_implementation(speed.VARLEN)
+    assert torch.equal(model.generate(**prompts, **settings), expected)
+
+
 def test_packed_documents_do_not_see_each_other(tokenizer):
     """Changing the first document must not move the second one's logits by a hair."""
     model = lora_model(tokenizer)

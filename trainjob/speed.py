@@ -29,6 +29,7 @@ memory the plan may use on the GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import logging
@@ -662,6 +663,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     """
 
     batch, heads, seq, dim = query.shape
+    scale = scaling if scaling is not None else dim**-0.5
+    if key.shape[2] != seq:
+        return _cached_decode_attention(query, key, value, attention_mask, scale), None
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
@@ -670,12 +674,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         keep = attention_mask.reshape(-1).bool()
         q, k, v = q[keep], k[keep], v[keep]
     cu_seqlens, max_len = _document_bounds(position_ids, attention_mask, batch, seq, q.device)
-    out = _varlen_kernel(q, k, v, cu_seqlens, max_len, scaling if scaling is not None else dim**-0.5)
+    out = _varlen_kernel(q, k, v, cu_seqlens, max_len, scale)
     if keep is not None:
         full = out.new_zeros(batch * seq, heads, dim)
         full[keep] = out
         out = full
     return out.reshape(batch, seq, heads, dim), None
+
+
+def _cached_decode_attention(query, key, value, attention_mask, scale: float):
+    """Generation with a KV cache (queries fewer than keys): SDPA, causal with the cache's offset."""
+    import torch
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        mask = mask & attention_mask.bool()[:, None, None, -k_len:]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                                           enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
 
 
 def _document_bounds(position_ids, attention_mask, batch: int, seq: int, device):
@@ -710,11 +727,9 @@ def _varlen_kernel(q, k, v, cu_seqlens, max_len: int, scale: float):
     import torch
 
     if q.is_cuda:
-        import inspect
-
         from torch.nn.attention.varlen import varlen_attn
 
-        params = inspect.signature(varlen_attn).parameters
+        params = _varlen_parameters()
         kwargs = {"scale": scale}
         # torch 2.10 takes is_causal; 2.11+ a (left, right) window where (-1, 0) is causal.
         if "window_size" in params:
@@ -737,6 +752,15 @@ def _varlen_kernel(q, k, v, cu_seqlens, max_len: int, scale: float):
                                                                enable_gqa=q.shape[1] != k.shape[1])
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _check_varlen_kernel(device) -> str | None:
