@@ -91,7 +91,8 @@ LADDER = {
     "ours+compile": RowSpec({"compile": "on"}),
 }
 DEFAULT_ROWS = {"cpu": ["baseline", "ours"],
-                "cuda": ["baseline", "packed", "+fused-loss", "+liger", "+varlen", "ours", "ours-24g", "qlora-12g"]}
+                "cuda": ["baseline", "packed", "+fused-loss", "+liger", "+varlen", "ours", "ours-24g", "qlora-12g",
+                         "ours+compile"]}
 
 
 @dataclass
