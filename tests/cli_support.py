@@ -44,7 +44,8 @@ class LtEnv:
         for path in (self.home, self.state, self.cwd):
             path.mkdir(parents=True, exist_ok=True)
         self.env = {name: value for name, value in os.environ.items() if name not in _SCRUBBED}
-        self.env.update(HOME=str(self.home), LT_STATE_DIR=str(self.state),
+        # XDG_CACHE_HOME absolute: ssh expands "~" from the password database, not from $HOME.
+        self.env.update(HOME=str(self.home), LT_STATE_DIR=str(self.state), XDG_CACHE_HOME=str(self.home / ".cache"),
                         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                         PYTHONUNBUFFERED="1")
         self.env.update(env)

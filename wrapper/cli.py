@@ -61,6 +61,18 @@ def yes_option(command):
                         help="Do not ask for confirmation (launches cost money).")(command)
 
 
+def extra_vars_option(command):
+    return click.option("-e", "--extra-vars", "extra_vars", multiple=True, metavar="VARS",
+                        help="Ansible variables for the playbooks: KEY=VALUE, a JSON object or @FILE "
+                             "(repeatable; also $LT_EXTRA_VARS, a JSON object). Never secrets.")(command)
+
+
+def _extra(extra_vars) -> dict:
+    from wrapper import extravars
+
+    return extravars.parse(extra_vars)
+
+
 def run_argument(command):
     return click.argument("run", required=False, metavar="[RUN]")(command)
 
@@ -147,8 +159,9 @@ def cli():
 @cloud_options
 @budget_options
 @set_option
+@extra_vars_option
 @yes_option
-def up_command(config, instance_types, regions, max_hours, max_cost, watchdog, set_options, yes):
+def up_command(config, instance_types, regions, max_hours, max_cost, watchdog, set_options, extra_vars, yes):
     """Launch a GPU instance for a new run.
 
     Picks the first instance type and region with capacity, in your order of preference, and waits
@@ -162,7 +175,7 @@ def up_command(config, instance_types, regions, max_hours, max_cost, watchdog, s
     from wrapper import lifecycle
 
     settings = _settings(config, set_options, **_flags(instance_types, regions, max_hours, max_cost, watchdog))
-    lifecycle.up(settings, yes=yes)
+    lifecycle.up(settings, yes, _extra(extra_vars))
 
 
 def _step_command(name: str, summary: str, example: str):
@@ -170,12 +183,13 @@ def _step_command(name: str, summary: str, example: str):
 
     @config_option
     @set_option
+    @extra_vars_option
     @run_argument
-    def command(config, set_options, run, **flags):
+    def command(config, set_options, extra_vars, run, **flags):
         from wrapper import lifecycle
 
         settings = _settings(config, set_options, **_flags(**flags))
-        lifecycle.step(name, settings, run)
+        lifecycle.step(name, settings, run, _extra(extra_vars))
 
     command.__doc__ = f"""{summary}
 
@@ -205,12 +219,13 @@ install_command = cli.command(name="install")(_step_command(
 @budget_options
 @job_options
 @set_option
+@extra_vars_option
 @click.option("--local", is_flag=True, help="Train on this machine: no cloud, no accounts.")
 @click.option("-d", "--detach", is_flag=True, help="Return once the job has started; `lt logs -f` reattaches.")
 @yes_option
 @run_argument
 def train_command(config, instance_types, regions, max_hours, max_cost, watchdog, base_model, dataset,
-                  max_steps, hub_repo, set_options, local, detach, yes, run):
+                  max_steps, hub_repo, set_options, extra_vars, local, detach, yes, run):
     """Train a model: the whole lifecycle when no instance is up.
 
     With no instance up this runs up, push, configure, install, train and down, after showing the
@@ -237,19 +252,21 @@ def train_command(config, instance_types, regions, max_hours, max_cost, watchdog
     from wrapper import lifecycle
 
     settings = _settings(config, set_options, **flags)
-    lifecycle.train(settings, run, yes=yes, detach=detach)
+    lifecycle.train(settings, run, yes, detach, _extra(extra_vars))
 
 
 @cli.command(name="down")
 @config_option
 @click.option("--all", "all_instances", is_flag=True,
               help="End every instance whose name has our prefix, known to a run or not.")
+@extra_vars_option
 @yes_option
 @run_argument
-def down_command(config, all_instances, yes, run):
+def down_command(config, all_instances, extra_vars, yes, run):
     """Terminate a run's instance; safe to repeat.
 
-    Removes the secrets file from the instance first when it still answers.
+    The instance's disk, with the job's secrets on it, goes with it; the API is asked again
+    afterwards to confirm that nothing named for the run is left running.
 
     Example usage:
 
@@ -262,9 +279,9 @@ def down_command(config, all_instances, yes, run):
 
     settings = _settings(config)
     if all_instances:
-        lifecycle.down_all(settings, yes=yes)
+        lifecycle.down_all(settings, yes, _extra(extra_vars))
     else:
-        lifecycle.down(settings, run)
+        lifecycle.down(settings, run, _extra(extra_vars))
 
 
 # -- looking at runs -----------------------------------------------------------------------------
@@ -299,8 +316,9 @@ def status_command(config, as_json, limit, run):
 @click.option("-f", "--follow", is_flag=True, help="Keep showing progress until the job ends.")
 @click.option("-n", "--lines", type=int, default=40, show_default=True, help="Log lines to show first.")
 @click.option("--raw", is_flag=True, help="Print the log as it is, without the progress display.")
+@extra_vars_option
 @run_argument
-def logs_command(config, follow, lines, raw, run):
+def logs_command(config, follow, lines, raw, extra_vars, run):
     """Show a run's training log; -f follows it until the job ends.
 
     Following reattaches to a detached run: progress, the result, and the end of the instance.
@@ -313,25 +331,26 @@ def logs_command(config, follow, lines, raw, run):
     """
     from wrapper import logs
 
-    logs.show(_settings(config), run, follow=follow, lines=lines, raw=raw)
+    logs.show(_settings(config), run, follow=follow, lines=lines, raw=raw, extra_vars=_extra(extra_vars))
 
 
 @cli.command(name="ssh", context_settings={"ignore_unknown_options": True})
 @config_option
+@extra_vars_option
 @click.argument("run", required=False, metavar="[RUN]")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def ssh_command(config, run, command):
+def ssh_command(config, extra_vars, run, command):
     """Open a shell on a run's instance (or run COMMAND there).
 
     Example usage:
 
     \b
         lt ssh
-        lt ssh 20260101-1200 nvidia-smi
+        lt ssh 20260101-1200 -- nvidia-smi
     """
     from wrapper import remote
 
-    remote.open_ssh(_settings(config), run, list(command))
+    remote.open_ssh(_settings(config), run, list(command), _extra(extra_vars))
 
 
 @cli.command(name="types")

@@ -37,11 +37,11 @@ class Progress:
     """Renders progress to ``stream`` (stderr by default); ``cost`` returns dollars spent so far."""
 
     def __init__(self, stream: TextIO | None = None, cost: Callable[[], float | None] | None = None,
-                 label: str | None = None):
+                 quiet_tasks: bool = False):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.cost = cost
-        self.label = label
+        self.quiet_tasks = quiet_tasks  # only the job's progress and failures
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)  # the job's log lines, for failures
         self.failures: list[str] = []
         self.job_events: list[dict] = []
@@ -75,7 +75,7 @@ class Progress:
         data = event.get("event_data") or {}
         if kind == "playbook_on_play_start":
             name = data.get("play") or data.get("name")
-            if name:
+            if name and not self.quiet_tasks:
                 self.line(f"== {name}")
         elif kind == "playbook_on_task_start":
             self._task = data.get("task") or data.get("name") or ""
@@ -94,7 +94,8 @@ class Progress:
         if kind in _FAILED and not data.get("ignore_errors"):
             self._report_failure(task, data.get("host", ""), res, unreachable=kind == _FAILED[1])
             return
-        if self._task_reported or task in _QUIET_TASKS or kind == "runner_on_skipped":
+        if (self._task_reported or self.quiet_tasks or task in _QUIET_TASKS or kind == "runner_on_skipped"
+                or task.startswith("Validating arguments against arg spec")):
             return
         self._task_reported = True
         took = format_duration(time.monotonic() - self._task_started)
@@ -105,7 +106,8 @@ class Progress:
         message = res.get("msg") or res.get("reason") or ""
         if res.get("censored"):
             message = message or "details hidden because the task handles secrets"
-        self.failures.append(f"{task}: {message}")
+        if not any(failure.endswith(message) for failure in self.failures):
+            self.failures.append(f"{task}: {message}")
         self.line(f"  ✗ {task} {what} on {host}: {message}".rstrip(": "))
         for stream_name in ("stderr", "stdout"):
             text = res.get(stream_name)

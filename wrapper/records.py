@@ -17,9 +17,10 @@ from typing import Any
 
 STATE_DIR_ENV = "LT_STATE_DIR"
 
-# Run statuses: launching -> up -> training -> succeeded | failed | interrupted.
+# Run statuses: launching -> up (-> pushed -> configured -> installed) -> training ->
+# succeeded | failed | interrupted | stopped (ended by `lt down` before the job finished).
 # Instance states: none (local run) | pending | active | terminated | left-running.
-FINAL_STATUSES = ("succeeded", "failed", "interrupted")
+FINAL_STATUSES = ("succeeded", "failed", "interrupted", "stopped")
 
 _COLUMNS = {
     "run_id": "TEXT PRIMARY KEY",
@@ -38,6 +39,7 @@ _COLUMNS = {
     "updated_at": "REAL NOT NULL",
     "detached": "INTEGER NOT NULL DEFAULT 0",
     "watchdog": "INTEGER NOT NULL DEFAULT 0",
+    "down_after": "INTEGER NOT NULL DEFAULT 0",  # lt ends the instance when the job ends (full lifecycle)
     "message": "TEXT",
     "outputs": "TEXT",  # JSON: result.json fields, local output dir, hub urls
     "settings": "TEXT",  # JSON: the run's settings without secrets
@@ -68,6 +70,11 @@ class Records:
         with closing(self._connect()) as db, db:
             columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
+            # A database from an older lt lacks newer columns: add them.
+            present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            for name, kind in _COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind.replace('PRIMARY KEY', '')}")
 
     def _connect(self) -> sqlite3.Connection:
         # Several `lt` processes may touch one run (train --detach, logs -f, status): wait for locks.
@@ -149,6 +156,7 @@ class Records:
                 run[name] = json.loads(run[name])
         run["detached"] = bool(run["detached"])
         run["watchdog"] = bool(run["watchdog"])
+        run["down_after"] = bool(run["down_after"])
         return run
 
 

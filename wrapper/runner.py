@@ -2,13 +2,14 @@
 
 ansible-runner writes everything it is given into its private data directory: extravars and
 envvars under env/, and always the child's whole environment in artifacts/<ident>/command. So:
-- secrets are never extravars; they reach ansible-playbook only through its process environment,
-  which is set here for the duration of the run (not through ``envvars=``, which would be written
-  to env/envvars);
+- secrets are never extravars, and never in ansible-playbook's environment either: they go into a
+  0600 env file in the private directory, which the playbooks' settings task reads
+  (``trainer_env_file``); the secret variables of this process's own environment are taken out of
+  the child's environment for the run;
 - the private directory is a fresh one per run, in memory (/dev/shm) where the system has it,
   mode 0700, and removed in ``finally``;
-- the copy of the environment in ``command`` is overwritten with the secrets masked as soon as the
-  playbook reports its first event.
+- as a second line of defence, runner's copy of the environment in ``command`` is rewritten with
+  any secret value masked as soon as the playbook reports its first event.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapper.progress import Progress
-from wrapper.project import playbook, project_dir
+from wrapper.project import playbook, project_dir, trainer_config
 
 MASK = "********"
 
@@ -47,6 +48,11 @@ class PlaybookResult:
         return [r["res"] for r in self.results if r["task"] == task]
 
 
+def secret_env_names() -> list[str]:
+    """The environment variables that carry secrets (the config key table's)."""
+    return [key.env for key in trainer_config().KEYS if key.secret and key.env]
+
+
 def private_dir_parent() -> str | None:
     """/dev/shm when usable, so secrets in runner's files never reach a disk."""
     shm = Path("/dev/shm")
@@ -65,10 +71,13 @@ def private_data_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def environment(extra: dict[str, str]) -> Iterator[None]:
-    """Set variables in this process's environment (which runner copies for its child), then restore."""
-    saved = {name: os.environ.get(name) for name in extra}
-    os.environ.update(extra)
+def environment(set_vars: dict[str, str], unset: tuple[str, ...] | list[str] = ()) -> Iterator[None]:
+    """Change this process's environment (which runner copies for its child), then restore it."""
+    names = set(set_vars) | set(unset)
+    saved = {name: os.environ.get(name) for name in names}
+    for name in unset:
+        os.environ.pop(name, None)
+    os.environ.update(set_vars)
     try:
         yield
     finally:
@@ -77,6 +86,16 @@ def environment(extra: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        for name, value in values.items():
+            if "\n" in value:
+                raise ValueError(f"{name} holds a line break")
+            handle.write(f"{name}={value}\n")
+    return path
 
 
 def mask_command_file(data_dir: Path, secret_values: list[str]) -> None:
@@ -96,8 +115,9 @@ def mask_command_file(data_dir: Path, secret_values: list[str]) -> None:
 def run_playbook(name: str, extravars: dict[str, Any], *, secrets: dict[str, str],
                  progress: Progress, inventory: Any = None, env: dict[str, str] | None = None,
                  cancelled: Callable[[], bool] | None = None,
-                 on_event: Callable[[dict, Path], None] | None = None) -> PlaybookResult:
-    """Run ``playbooks/<name>.yml``; ``secrets`` are environment variables that must not persist."""
+                 on_event: Callable[[dict], None] | None = None) -> PlaybookResult:
+    """Run ``playbooks/<name>.yml``; ``secrets`` (environment variable names and values) reach the
+    playbook through a 0600 env file only."""
     import ansible_runner
 
     path = playbook(name)
@@ -109,6 +129,7 @@ def run_playbook(name: str, extravars: dict[str, Any], *, secrets: dict[str, str
     artifact_data: dict = {}
 
     with private_data_dir() as data_dir:
+        env_file = write_env_file(data_dir / "secrets.env", {k: v for k, v in secrets.items() if v})
 
         def handle(event: dict) -> bool:
             nonlocal masked
@@ -119,17 +140,18 @@ def run_playbook(name: str, extravars: dict[str, Any], *, secrets: dict[str, str
                 artifact_data.update((event.get("event_data") or {}).get("artifact_data") or {})
             progress.ansible_event(event)
             if on_event:
-                on_event(event, data_dir)
+                on_event(event)
             return True
 
-        child_env = {**(env or {}), **secrets, "ANSIBLE_CONFIG": str(project_dir() / "ansible.cfg")}
-        with environment(child_env):
+        child_env = {**(env or {}), "ANSIBLE_CONFIG": str(project_dir() / "ansible.cfg"),
+                     "ANSIBLE_NOCOLOR": "1"}
+        with environment(child_env, unset=secret_env_names()):
             runner = ansible_runner.run(
                 private_data_dir=str(data_dir),
                 project_dir=str(project_dir()),
                 playbook=str(path),
                 inventory=inventory,
-                extravars=extravars,
+                extravars={**extravars, "trainer_env_file": str(env_file)},
                 ident=name,
                 quiet=True,
                 event_handler=handle,

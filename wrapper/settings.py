@@ -67,7 +67,13 @@ def parse_set_options(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
         if not sep or not name.strip():
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
         raw[name.strip()] = value
-    return _checked(lambda: trainer_config().normalize(raw, source="--set"))
+    values = _checked(lambda: trainer_config().normalize(raw, source="--set"))
+    table = trainer_config()
+    secret = [name for name in raw if table.BY_NAME[table.canonical_name(name)].secret]
+    if secret:
+        raise click.BadParameter(f"{secret[0]} is a secret: set it in the config file or the environment, "
+                                 "never on a command line", param_hint="--set")
+    return values
 
 
 def load_settings(config: str | None = None, flags: dict[str, Any] | None = None,

@@ -8,7 +8,7 @@ import click
 
 from wrapper import costs
 from wrapper.progress import format_duration
-from wrapper.records import Records, RunNotFound, instance_may_be_running
+from wrapper.records import FINAL_STATUSES, Records, RunNotFound, instance_may_be_running
 
 
 def gather(settings, run_ref: str | None, limit: int) -> dict:
@@ -58,8 +58,12 @@ def _reconcile(settings, records: Records, report: dict) -> None:
         if instance is None:
             if run["instance_state"] == "pending" and time.time() - run["created_at"] < 60:
                 continue  # a launch in flight may not be listed yet
-            report["runs"][index] = records.update(run["run_id"], instance_state="terminated",
-                                                   terminated_at=time.time())
+            fields = {"instance_state": "terminated", "terminated_at": time.time()}
+            if run["status"] not in FINAL_STATUSES:
+                # lt stopped before the run did (killed, closed laptop); the watchdog or a person ended it.
+                fields.update(status="interrupted", message="lt stopped before the run finished; the "
+                              "instance was ended outside lt (the watchdog, the dashboard or another lt)")
+            report["runs"][index] = records.update(run["run_id"], **fields)
             continue
         known.add(instance["id"])
         if not run.get("instance_id") or run.get("ip") != instance.get("ip"):

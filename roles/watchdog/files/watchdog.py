@@ -168,7 +168,16 @@ class Runs:
 
 
 def _find_result(run_dir: Path) -> dict | None:
-    for candidate in (run_dir / "result.json", run_dir / "outputs" / "result.json", *run_dir.glob("*/result.json")):
+    candidates = [run_dir / "outputs" / "result.json", run_dir / "result.json", *run_dir.glob("*/result.json")]
+    # The job config may name another output folder (relative to the trainer folder).
+    trainer_dir = run_dir.parent.parent
+    try:
+        job = json.loads((trainer_dir / "job.json").read_text())
+        if job.get("run_id") == run_dir.name and job.get("output_dir"):
+            candidates.insert(0, trainer_dir / os.path.expanduser(job["output_dir"]) / "result.json")
+    except (OSError, ValueError, AttributeError):
+        pass
+    for candidate in candidates:
         try:
             return json.loads(candidate.read_text())
         except (OSError, ValueError):
