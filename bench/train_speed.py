@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -453,13 +452,9 @@ def run_ours(bench: Bench, fixed: list[dict], name: str, spec: RowSpec) -> Row:
             memory_budget=memory_budget))
     row.plan = plan.describe()
 
-    if "speed_plan" in inspect.signature(train.build_sft_config).parameters:
-        sft_config = train.build_sft_config(config, backend, out, report_to="none", has_validation=False,
-                                            speed_plan=plan)
-    else:
-        sft_config = train.build_sft_config(config, backend, out, report_to="none", has_validation=False)
-        for key, value in plan.trainer_kwargs().items():
-            setattr(sft_config, key, value)
+    # The plan's training arguments (activation checkpointing) as train.py passes them.
+    sft_config = train.build_sft_config(config, backend, out, report_to="none", has_validation=False,
+                                        **plan.trainer_kwargs())
     dataset = Dataset.from_dict({"input_ids": [ex["input_ids"] for ex in bench.examples],
                                  "assistant_masks": [ex["assistant_masks"] for ex in bench.examples]})
 
