@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import outputs, progress, publish
+from . import outputs, progress, publish, speed
 from .backend import CPU, TRANSFORMERS_CUDA, Backend, BackendError, choose_backend
 from .config import JobConfig, JobConfigError, load_job_config
 from .data import DataValidationError
@@ -113,6 +113,7 @@ class Job:
     pusher: publish.CheckpointPusher | None = None
     resume_from: Path | None = None
     resumed_from_step: int | None = None
+    speed_plan: speed.SpeedPlan | None = None
 
 
 @dataclass
@@ -146,6 +147,7 @@ class RunRecord:
     stage: str = "validate"
     error: str | None = None
     backend: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None
     resumed_from_step: int | None = None
     steps: int | None = None
     max_steps: int | None = None
@@ -385,6 +387,16 @@ def _trainer_class(fused_loss: bool):
     return ModelLossSFTTrainer
 
 
+def setup_speed(config: JobConfig, backend: Backend, model, *, overrides=None,
+                memory_budget: int | None = None) -> speed.SpeedPlan:
+    """The fast path for this machine, chosen once the weights are loaded (free memory is what they leave)."""
+    plan = speed.choose_speed_plan(
+        speed.probe_device(), model.config, max_seq_length=config.max_seq_length, batch_size=config.batch_size,
+        load_in_4bit=backend.load_in_4bit, backend=backend.name, lora_rank=config.lora_r, packing=config.packing,
+        overrides=overrides, memory_budget=memory_budget)
+    return speed.apply_speed_plan(model, plan)
+
+
 def setup(config: JobConfig, backend: Backend, resume: bool, record: RunRecord) -> Job:
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -403,6 +415,8 @@ def setup(config: JobConfig, backend: Backend, resume: bool, record: RunRecord) 
 
     record.enter("model")
     job.model = setup_model(config, backend, job.tokenizer)
+    job.speed_plan = setup_speed(config, backend, job.model)
+    record.speed = job.speed_plan.describe()
 
     job.tracker = start_tracking(config.wandb_project, config.wandb_run_name, config.run_id,
                                  {**config.to_dict(), "backend": backend.name, "data": job.splits.stats})
@@ -417,6 +431,7 @@ def setup(config: JobConfig, backend: Backend, resume: bool, record: RunRecord) 
         has_validation=job.splits.validation is not None,
         # A baseline eval loss before the first step; a resumed run already has one.
         eval_on_start=job.resume_from is None,
+        **job.speed_plan.trainer_kwargs(),
     )
     start_fields = {
         "run_id": config.run_id,
@@ -427,11 +442,12 @@ def setup(config: JobConfig, backend: Backend, resume: bool, record: RunRecord) 
         "output_dir": str(output_dir),
         "hub_repo": config.hub_repo,
         "wandb": job.tracker.mode,
+        "speed": job.speed_plan.describe(),
     }
     callbacks = [progress.progress_callback(start_fields, on_step=job.tracker.log_step),
                  publish.checkpoint_push_callback(job.pusher), GRACEFUL_STOP.callback()]
     job.trainer = build_trainer(job.model, job.tokenizer, sft_config, job.splits.train, job.splits.validation,
-                                callbacks, fused_loss=backend.fused_loss)
+                                callbacks, fused_loss=job.speed_plan.uses_fused_loss)
     return job
 
 
