@@ -15,7 +15,7 @@ from tests.cli_support import REPO_ROOT, LtEnv
 from tests.fakes.lambda_api import FakeLambdaAPI
 
 VERBS = ["up", "push", "configure", "install", "train", "down", "status", "logs", "ssh", "types",
-         "preflight", "config", "config init", "config show", "config check"]
+         "preflight", "export", "config", "config init", "config show", "config check"]
 SECRET = "lambda-secret-0123456789abcdef"
 
 
@@ -223,6 +223,58 @@ def test_train_local_quickstart_makes_a_merged_model(lt):
     # The tiny base model is built once and reused by the next quickstart.
     assert (lt.cwd / "outputs" / "tiny-llama-3" / "config.json").is_file()
     print(f"quickstart took {took:.1f} s")
+
+    # Ready for Ollama: GGUF + Modelfile from the latest local run.
+    exported = lt("export", "--json", timeout=300)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    files = json.loads(exported.stdout.strip().splitlines()[-1])["files"]
+    assert any(f.endswith(".gguf") for f in files) and any(f.endswith("Modelfile") for f in files)
+    assert all((lt.cwd / "outputs" / run_id / "export").samefile(os.path.dirname(f)) for f in files)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    code = "import sys\nfrom trainjob.tiny import write_tiny_base_model\nwrite_tiny_base_model(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO_ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return out
+
+
+def test_preflight_checks_the_data_here(lt, tiny_base):
+    ok = lt.json("preflight", "--json", "--dataset", str(REPO_ROOT / "examples" / "chats"),
+                 "--base-model", str(tiny_base), "-s", "max-seq-length=256", timeout=300)
+    assert ok["ok"] is True and ok["loss_tokens"] > 0 and ok["splits"]["train"]["conversations"] == 30
+    bad = lt.cwd / "bad.jsonl"
+    bad.write_text('{"chats": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"chats": [{"role": "assistant", "content": "I speak first"}]}\n')
+    result = lt("preflight", "--dataset", str(bad), "--base-model", str(tiny_base), timeout=300)
+    assert result.returncode == 2
+    assert "bad.jsonl:2" in result.stdout + result.stderr
+
+
+def test_cloud_train_stops_before_launch_on_bad_data(lt, tiny_base):
+    """Bad data fails on this machine, before any request reaches Lambda Cloud."""
+    bad = lt.cwd / "bad.jsonl"
+    bad.write_text('{"chats": [{"role": "assistant", "content": "I speak first"}]}\n')
+    key = lt.home / "id"
+    key.write_text("x")
+    lt.write_config({"lambda-cloud-api-key": SECRET, "lambda-cloud-ssh-key-name": "k",
+                     "lambda-cloud-ssh-identity-file": str(key), "dataset": str(bad),
+                     "base-model": str(tiny_base), "lambda-cloud-api-url": "http://127.0.0.1:9/api/v1"})
+    result = lt("train", "--yes", timeout=300)
+    assert result.returncode == 1
+    assert "nothing was launched" in result.stderr and "bad.jsonl:1" in result.stderr
+    assert lt.runs() == []
+
+
+def test_extra_vars_refuse_secrets(lt):
+    result = lt("up", "-e", "launch_api_key=abc", "--yes")
+    assert result.returncode == 2 and "looks like a secret" in result.stderr
+    result = lt("up", "--yes", env={"LT_EXTRA_VARS": '{"hf_token": "x"}'})
+    assert result.returncode == 2 and "looks like a secret" in result.stderr
+    result = lt("config", "show", "-s", "lambda-cloud-api-key=abc")
+    assert result.returncode == 2 and "never on a command line" in result.stderr
 
 
 def test_train_local_with_a_broken_dataset_fails_with_the_line(lt):

@@ -173,16 +173,18 @@ def test_step_by_step_verbs_then_down(tmp_path):
         assert run["status"] == "up" and run["instance_state"] == "active"
         assert f"lt down {run['run_id']}" in up.stderr  # says how to end what bills
 
+        # The watchdog would end the instance soon after the job's outputs are safe: not in this test.
+        patient = {"LT_WATCHDOG_FINISHED_GRACE_SECONDS": "900"}
         for verb in ("push", "configure", "install"):
-            result = world.lt(verb, timeout=600)
+            result = world.lt(verb, timeout=600, env=patient)
             assert result.returncode == 0, result.stdout + result.stderr
             assert f"✓ {verb}: done" in result.stdout
         assert only_run(world)["status"] == "installed"
         assert (world.trainer_dir / "watchdog" / "watchdog.pid").exists()
 
-        trained = world.lt("train", timeout=900)  # the prepared instance: train on it, keep it
+        trained = world.lt("train", timeout=900, env=patient)  # the prepared instance: train on it, keep it
         assert trained.returncode == 0, trained.stdout + trained.stderr
-        assert "is still running" in trained.stderr
+        assert "is still running" in trained.stderr and "the watchdog ends it" in trained.stderr
         run = only_run(world)
         assert run["status"] == "succeeded" and run["instance_state"] == "active"
         assert world.instance(run["instance_name"])["status"] == "active"

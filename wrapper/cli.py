@@ -43,7 +43,7 @@ def _describe(error: Exception) -> str:
 # -- shared options ------------------------------------------------------------------------------
 
 def config_option(command):
-    return click.option("-c", "--config", "config", type=click.Path(dir_okay=False), envvar="LT_CONFIG",
+    return click.option("-c", "--config", "config", type=click.Path(dir_okay=False), envvar="LT_CONFIG", show_envvar=True,
                         help="Config file (default: config/trainer.json).")(command)
 
 
@@ -57,7 +57,7 @@ def json_option(command):
 
 
 def yes_option(command):
-    return click.option("-y", "--yes", is_flag=True, envvar="LT_YES",
+    return click.option("-y", "--yes", is_flag=True, envvar="LT_YES", show_envvar=True,
                         help="Do not ask for confirmation (launches cost money).")(command)
 
 
@@ -90,9 +90,9 @@ def cloud_options(command):
 
 def budget_options(command):
     for decorator in reversed([
-        click.option("--max-hours", type=float, envvar="LT_MAX_HOURS",
+        click.option("--max-hours", type=float, envvar="LT_MAX_HOURS", show_envvar=True,
                      help="Time budget: the on-instance watchdog terminates the instance after it."),
-        click.option("--max-cost", type=float, envvar="LT_MAX_COST",
+        click.option("--max-cost", type=float, envvar="LT_MAX_COST", show_envvar=True,
                      help="Cost budget in dollars, enforced by the watchdog."),
         click.option("--watchdog/--no-watchdog", default=None,
                      help="Run the watchdog that ends the instance on budget or when the job is done "
@@ -222,10 +222,12 @@ install_command = cli.command(name="install")(_step_command(
 @extra_vars_option
 @click.option("--local", is_flag=True, help="Train on this machine: no cloud, no accounts.")
 @click.option("-d", "--detach", is_flag=True, help="Return once the job has started; `lt logs -f` reattaches.")
+@click.option("--skip-preflight", is_flag=True, envvar="LT_SKIP_PREFLIGHT", show_envvar=True,
+              help="Launch without checking the data here first (the job still checks it on the instance).")
 @yes_option
 @run_argument
 def train_command(config, instance_types, regions, max_hours, max_cost, watchdog, base_model, dataset,
-                  max_steps, hub_repo, set_options, extra_vars, local, detach, yes, run):
+                  max_steps, hub_repo, set_options, extra_vars, local, detach, skip_preflight, yes, run):
     """Train a model: the whole lifecycle when no instance is up.
 
     With no instance up this runs up, push, configure, install, train and down, after showing the
@@ -247,12 +249,12 @@ def train_command(config, instance_types, regions, max_hours, max_cost, watchdog
     if local:
         from wrapper import local as local_run
 
-        local_run.train_local(config, set_options, flags)
+        local_run.train_local(config, set_options, flags, _extra(extra_vars))
         return
     from wrapper import lifecycle
 
     settings = _settings(config, set_options, **flags)
-    lifecycle.train(settings, run, yes, detach, _extra(extra_vars))
+    lifecycle.train(settings, run, yes, detach, _extra(extra_vars), skip_preflight)
 
 
 @cli.command(name="down")
@@ -394,6 +396,31 @@ def preflight_command(config, base_model, dataset, max_steps, hub_repo, set_opti
     settings = _settings(config, set_options, **_flags(base_model=base_model, dataset=dataset,
                                                          max_steps=max_steps, hub_repo=hub_repo))
     sys.exit(preflight.run(settings, as_json=as_json))
+
+
+@cli.command(name="export")
+@click.argument("target", required=False, metavar="[RUN_OR_FOLDER]")
+@click.option("-o", "--out", type=click.Path(file_okay=False),
+              help="Output folder (default: export/ next to the merged model).")
+@click.option("-f", "--formats", default="gguf-q8_0", show_default=True, envvar="LT_EXPORT_FORMATS", show_envvar=True,
+              help="Comma-separated GGUF formats (gguf-f16, gguf-q8_0); the first is Ollama's.")
+@click.option("--name", help="Model name for the files and `ollama create` (default: the folder's name).")
+@json_option
+def export_command(target, out, formats, name, as_json):
+    """Export a merged model as GGUF plus an Ollama Modelfile.
+
+    RUN_OR_FOLDER is a run id, a run's output folder or a merged model folder; default: the latest
+    local run.
+
+    Example usage:
+
+    \b
+        lt export                              # the latest `lt train --local` run
+        lt export outputs/20260101-1200/merged -f gguf-f16,gguf-q8_0
+    """
+    from wrapper import export
+
+    sys.exit(export.run(target, out, formats, name, as_json))
 
 
 # -- configuration -------------------------------------------------------------------------------

@@ -236,17 +236,22 @@ def step(name: str, settings, ref: str | None, extra_vars: dict) -> None:
     click.echo(f"✓ {name}: done on {run.describe_instance()} (run {run.id}).")
 
 
-def train(settings, ref: str | None, yes: bool, detach: bool, extra_vars: dict) -> None:
+def train(settings, ref: str | None, yes: bool, detach: bool, extra_vars: dict,
+          skip_preflight: bool = False) -> None:
+    from wrapper import config_commands, preflight
+
     prepared = _prepared_run(settings, ref, extra_vars)
+    if prepared is None:
+        settings.require("dataset", "lambda-cloud-api-key", "lambda-cloud-ssh-key-name")
+        problems = config_commands.problems(settings, local=False)
+        if problems:
+            raise click.ClickException("the settings are not ready for a run:\n  - " + "\n  - ".join(problems))
+    if not skip_preflight:
+        settings.require("dataset")
+        preflight.before_launch(settings)
     if prepared is not None:
         _train_on(prepared, detach)
         return
-    settings.require("dataset", "lambda-cloud-api-key", "lambda-cloud-ssh-key-name")
-    from wrapper import config_commands
-
-    problems = config_commands.problems(settings, local=False)
-    if problems:
-        raise click.ClickException("the settings are not ready for a run:\n  - " + "\n  - ".join(problems))
     choice = plan_launch(settings, yes)
     run = new_run(settings, choice, extra_vars)
     click.echo(f"Run {run.id}: up → push → configure → install → train → down on "
@@ -336,7 +341,14 @@ def _train_on(run: Run, detach: bool) -> None:
         return
     _finished(run)
     _say_finished(run)
-    click.secho(f"{run.describe_instance()} is still running; {run.down_command()} ends it.", fg="yellow", err=True)
+    _say_still_running(run)
+
+
+def _say_still_running(run: Run) -> None:
+    watchdog = ("the watchdog ends it once the job's outputs are safe or the budget is spent; "
+                if run.record.get("watchdog") else "")
+    click.secho(f"{run.describe_instance()} is still running: {watchdog}{run.down_command()} ends it now.",
+                fg="yellow", err=True)
 
 
 def _guarded(run: Run, playbook: str, terminate_on_failure: bool, **more) -> PlaybookResult:
@@ -451,5 +463,4 @@ def follow(run: Run, **variables) -> None:
         raise click.ClickException(f"run {run.id} failed: {run.record.get('message')}")
     _say_finished(run)
     if not run.record.get("down_after"):
-        click.secho(f"{run.describe_instance()} is still running; {run.down_command()} ends it.", fg="yellow",
-                    err=True)
+        _say_still_running(run)

@@ -24,7 +24,7 @@ from wrapper.settings import load_settings
 QUICKSTART = "quickstart.json"
 
 
-def train_local(config: str | None, set_options, flags: dict) -> dict:
+def train_local(config: str | None, set_options, flags: dict, extra_vars: dict | None = None) -> dict:
     quickstart = not (config or os.environ.get("LT_CONFIG"))
     config_file = Path(config or os.environ.get("LT_CONFIG") or examples_dir() / QUICKSTART)
     settings = load_settings(str(config_file), flags, set_options)
@@ -48,7 +48,7 @@ def train_local(config: str | None, set_options, flags: dict) -> dict:
     progress = Progress()
     try:
         if playbook("local").is_file():
-            ok = _run_local_playbook(values, job, settings, progress)
+            ok = _run_local_playbook(values, job, settings, progress, extra_vars or {})
         else:
             ok = _run_job(job, output_dir, {**settings.secrets_env(), **_offline_env(job)}, progress)
     except KeyboardInterrupt:
@@ -163,14 +163,34 @@ def _run_job(job: dict, output_dir: Path, secrets: dict[str, str], progress: Pro
     return code == 0
 
 
-def _run_local_playbook(values: dict, job: dict, settings, progress: Progress) -> bool:
+def _run_local_playbook(values: dict, job: dict, settings, progress: Progress, extra_vars: dict) -> bool:
+    """playbooks/local.yml: the same roles as on an instance, against this machine."""
     from wrapper.runner import run_playbook
 
-    extravars = {**_public(values), **{name: job[name] for name in ("run_id", "output_dir")}}
+    output_dir = Path(job["output_dir"])
+    extravars = {
+        **_public(values),
+        "run_id": job["run_id"],
+        # The job writes straight into ./outputs/<run>/; the result and log are fetched beside it.
+        "output_dir": str(output_dir),
+        "train_fetch_dir": str(output_dir.parent),
+        "train_poll_interval": 2,
+        "train_tail_lines": 100,
+        "job_env": _offline_env(job),
+        # Absolute: "~" would mean $HOME to some modules and the password database's home to others.
+        "trainer_dir": str(local_trainer_dir()),
+        **extra_vars,
+    }
     result = run_playbook("local", extravars, secrets=settings.secrets_env(), progress=progress)
     if not result.ok:
-        progress.tail.extend(_last_lines(Path(job["output_dir"]) / "train.log", 30))
+        progress.tail.extend(_last_lines(output_dir / "train.log", 30))
     return result.ok
+
+
+def local_trainer_dir() -> Path:
+    """Where local runs keep the job code, venv and run folders (as an instance's ~/llama-trainer)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "llama-trainer"
 
 
 def _read_result(output_dir: Path) -> dict | None:
