@@ -30,13 +30,13 @@ description:
     the precedence variables > environment > config file > defaults.
   - Every key has one snake_case name (C(base-model) is C(base_model)); the table of keys lives in
     C(module_utils/trainer_config.py) and nowhere else.
-  - Returns the settings as snake_case values, the job config for the instance, and the secrets
-    separately. Run it with C(no_log: true), because the result holds the secrets.
+  - "Returns the settings as snake_case values, the job config for the instance, and the secrets
+    separately. Run it with C(no_log: true), because the result holds the secrets."
   - Secrets are read from the environment, O(env_file) or the config file only. A secret passed in
-    O(variables) (for example C(-e hf_token=...)) is an error: extra vars end up in process lists and
+    O(variables) (for example C(-e hf_token=...)) is refused, because extra vars end up in process lists and
     in ansible-runner's files.
-  - Runs on the controller (C(delegate_to: localhost) or a play on C(localhost)); it reads the
-    environment of the process that runs it.
+  - "Runs on the controller (C(delegate_to: localhost) or a play on C(localhost)); it reads the
+    environment of the process that runs it."
 options:
   config_file:
     description:

@@ -64,8 +64,11 @@ class SSHServer:
             raise RuntimeError("the test sshd must run as root (it switches to the logged-in user)")
         self.dir.mkdir(parents=True, exist_ok=True)
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _keygen(self.host_key, "test-host")
-        _keygen(self.client_key, "test-client")
+        # Keys survive a stop: a restarted server is the same host to its clients.
+        if not self.host_key.exists():
+            _keygen(self.host_key, "test-host")
+        if not self.client_key.exists():
+            _keygen(self.client_key, "test-client")
         shutil.copyfile(f"{self.client_key}.pub", self.authorized_keys)
         public_host_key = Path(f"{self.host_key}.pub").read_text().split()
         self.known_hosts.write_text(f"[{self.host}]:{self.port} {public_host_key[0]} {public_host_key[1]}\n")

@@ -50,3 +50,15 @@ def test_every_role_variable_is_documented_and_specified(role):
         for name, option in spec.get("options", {}).items():
             assert option.get("description"), f"{role}: {name} has no description"
 
+
+
+@pytest.mark.parametrize("kind, folder, name", [
+    ("module", "library", "trainer_config"),
+    ("module", "roles/deps/library", "trainer_venv"),
+    ("module", "roles/train/library", "trainer_job"),
+    ("lookup", "roles/files/lookup_plugins", "trainer_bundle"),
+])
+def test_plugin_documentation_parses(kind, folder, name):
+    result = subprocess.run(["ansible-doc", "-t", kind, "-M", folder, name], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "ERROR" not in result.stderr, result.stderr

@@ -240,9 +240,30 @@ def test_the_job_survives_the_connection_and_the_controller_and_a_reattach_sees_
     assert files_containing([private]) == []
     assert not [s for s in SENTINELS if s in stdout]
 
+    logs = rig.playbook("logs.yml", instance_name="lt-e2e-drop")
+    assert logs.returncode == 0, logs.stdout[-4000:]
+    assert "Training run drop-1 is succeeded" in logs.stdout and '"event": "done"' in logs.stdout
+
     down = rig.playbook("down.yml", instance_name="lt-e2e-drop")
     assert down.returncode == 0, down.stdout[-4000:]
     [instance] = rig.instances_named("lt-e2e-drop")
+    assert instance["status"] in ("terminating", "terminated")
+
+
+@pytest.mark.slow
+def test_an_instance_that_stops_answering_is_still_terminated(rig, tmp_path):
+    run = rig.start_playbook("train.yml", instance_name="lt-e2e-gone", run_id="gone-1",
+                             files_job_src=str(stub_job(tmp_path)), files_examples_src="")
+    try:
+        deadline = time.monotonic() + 120
+        while "TASK [files" not in run.stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rig.sshd.stop()
+        assert run.wait(timeout=300) != 0
+    finally:
+        rig.sshd.start()
+    assert "lt-e2e-gone stopped answering" in run.stdout
+    [instance] = rig.instances_named("lt-e2e-gone")
     assert instance["status"] in ("terminating", "terminated")
 
 

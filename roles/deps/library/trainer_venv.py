@@ -37,7 +37,7 @@ options:
     type: str
     default: /usr/bin/python3
   requirements:
-    description: Requirements file contents (pip format) by backend, e.g. C({gpu: "...", cpu: "..."}).
+    description: Requirements file contents (pip format) by backend (keys V(gpu) and V(cpu)).
     type: dict
     required: true
   backend:
