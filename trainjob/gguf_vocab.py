@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainjob.template import LLAMA3_CHAT_TEMPLATE  # used when a checkpoint carries none
+from trainjob.tiny import LLAMA3_SPLIT_PATTERN  # Llama 3's pre-tokenizer regex, one copy
+
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
@@ -21,24 +24,9 @@ EOT = "<|eot_id|>"
 EOM = "<|eom_id|>"
 REQUIRED_SPECIAL_TOKENS = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT)
 
-# The split Llama 3 (and 3.1, 3.2, 3.3) applies before BPE; llama.cpp hard-codes it as "llama-bpe".
-LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 GGUF_TOKENIZER_MODEL = "gpt2"
 GGUF_PRE_TOKENIZER = "llama-bpe"
 
-# Meta's Llama 3 Instruct template, used when a checkpoint carries none (llama.cpp and Ollama
-# clients need one to chat).
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 
 # Training templates mark the assistant's tokens with {% generation %} blocks, a Hugging Face
 # extension that llama.cpp's and llama-cpp-python's Jinja engines reject; rendering ignores them.

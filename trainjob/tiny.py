@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from trainjob.template import LLAMA3_CHAT_TEMPLATE  # one copy of Meta's template
+
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 START_HEADER = "<|start_header_id|>"
@@ -36,16 +38,6 @@ SPECIAL_TOKENS = [
     "<|reserved_special_token_5|>",
 ]
 
-# The chat template Meta ships in Meta-Llama-3-8B-Instruct's tokenizer_config.json, byte for byte
-# (TRL recognises this exact string and swaps in its assistant-mask training template).
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 
 # Llama 3's pre-tokenizer split (contractions, letters, numbers of up to 3 digits, punctuation, spaces).
 LLAMA3_SPLIT_PATTERN = (
