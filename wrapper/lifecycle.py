@@ -277,6 +277,9 @@ def train(settings, ref: str | None, yes: bool, detach: bool, extra_vars: dict,
 
 
 def down(settings, ref: str | None, extra_vars: dict) -> None:
+    if not ref and run_records.Records().latest(live_instance=True) is None:
+        click.echo("Nothing to end: no run has a running instance (`lt status` checks with Lambda Cloud).")
+        return
     run = find_run(settings, ref, extra_vars) if ref else _latest_live(settings, extra_vars)
     result = run.playbook("down", Progress(cost=run.cost))
     gone = run.ensure_terminated("lt down")
