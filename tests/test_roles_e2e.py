@@ -141,6 +141,11 @@ def test_train_playbook_runs_the_whole_lifecycle_without_leaking_secrets(rig):
 def test_install_twice_changes_nothing_the_second_time_and_down_is_idempotent(rig):
     up = rig.playbook("up.yml", instance_name="lt-e2e-install")
     assert up.returncode == 0, up.stdout[-4000:]
+    old_python = Path.home() / ".pyenv/versions/3.10.13/bin/python3"
+    if old_python.exists():  # an Ubuntu 22.04-like Python: refused at once, with what to do
+        refused = rig.playbook("install.yml", instance_name="lt-e2e-install", instance_python=str(old_python))
+        assert refused.returncode != 0
+        assert "is Python 3.10; the training stack needs Python 3.11 or newer" in refused.stdout
     first = rig.playbook("install.yml", instance_name="lt-e2e-install")
     assert first.returncode == 0, first.stdout[-4000:]
     second = rig.playbook("install.yml", instance_name="lt-e2e-install")

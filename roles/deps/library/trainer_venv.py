@@ -58,6 +58,12 @@ options:
     type: list
     elements: str
     default: []
+  min_python:
+    description:
+      - Oldest Python the requirements install on (C(3.11) for trl 1.15). An older O(python) fails
+        at once with what to do, instead of pip's "no matching distribution".
+    type: str
+    default: "3.11"
 author:
   - llama-trainer contributors
 """
@@ -90,7 +96,8 @@ missing_system_packages:
 STAMP = ".llama-trainer-requirements.sha256"
 CONSTRAINTS = ".llama-trainer-constraints.txt"
 REQUIREMENTS = "llama-trainer-requirements.txt"
-# Reads installed versions without importing the packages (importing torch takes seconds).
+# Reads the interpreter's version and installed versions without importing the packages (importing
+# torch takes seconds).
 VERSIONS_SCRIPT = """
 import json, sys
 from importlib import metadata
@@ -100,7 +107,7 @@ for name in sys.argv[1:]:
         found[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
         pass
-print(json.dumps(found))
+print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "packages": found}))
 """
 
 
@@ -108,13 +115,20 @@ def has_nvidia_gpu():
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
 
-def installed_versions(module, python, names):
-    if not names:
-        return {}
-    rc, out, err = module.run_command([python, "-c", VERSIONS_SCRIPT, *names])
+def interpreter_facts(module, python, names):
+    """(Python version "3.10", {package: installed version}) of ``python``."""
+    try:
+        rc, out, err = module.run_command([python, "-c", VERSIONS_SCRIPT, *names])
+    except OSError as exc:
+        module.fail_json(msg=f"cannot run {python}: {exc}")
     if rc != 0:
-        module.fail_json(msg=f"{python} could not report package versions: {err.strip() or out.strip()}")
-    return json.loads(out)
+        module.fail_json(msg=f"{python} could not report its version: {err.strip() or out.strip()}")
+    facts = json.loads(out)
+    return facts["python"], facts["packages"]
+
+
+def version_tuple(text):
+    return tuple(int(part) for part in text.split("."))
 
 
 def stamp_of(python_path, requirements, pip_args, system_site_packages, kept):
@@ -166,6 +180,7 @@ def main():
             "system_site_packages": {"type": "bool", "default": True},
             "keep_system_packages": {"type": "list", "elements": "str", "default": ["torch"]},
             "pip_args": {"type": "list", "elements": "str", "default": []},
+            "min_python": {"type": "str", "default": "3.11"},
         },
         supports_check_mode=True,
     )
@@ -180,7 +195,13 @@ def main():
     venv_python = os.path.join(venv, "bin", "python")
 
     # Versions come from the system interpreter: the venv sees the same site-packages.
-    kept = installed_versions(module, params["python"], params["keep_system_packages"])
+    python_version, kept = interpreter_facts(module, params["python"], params["keep_system_packages"])
+    if version_tuple(python_version) < version_tuple(params["min_python"]):
+        module.fail_json(
+            msg=f"{params['python']} is Python {python_version}; the training stack needs Python "
+                f"{params['min_python']} or newer (trl 1.15). Boot an image with a newer Python (e.g. "
+                "Ubuntu 24.04 Lambda Stack: image-family in the config), or point instance_python at one.",
+            python_version=python_version)
     stamp = stamp_of(params["python"], requirements, params["pip_args"], params["system_site_packages"], kept)
     result = {"changed": False, "backend": backend, "python": venv_python, "stamp": stamp}
     if os.path.exists(venv_python) and read_file(os.path.join(venv, STAMP)) == stamp:
