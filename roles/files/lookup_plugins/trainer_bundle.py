@@ -16,8 +16,8 @@ name: trainer_bundle
 short_description: Pack files and folders into a reproducible tarball on the controller
 description:
   - Packs each source (a file or a folder, by its own name at the top of the archive) into the
-    gzipped tarball named by the first term and returns that tarball's path. C(__pycache__), C(*.pyc)
-    and C(.git) are left out.
+    gzipped tarball named by the first term and returns C({path, sha1}) of that tarball (the SHA-1 is
+    what C(stat) reports for the copy on a host). C(__pycache__), C(*.pyc) and C(.git) are left out.
   - Times, owners, modes and the gzip header are fixed, so unchanged sources give the same bytes, and
     a C(copy) of the tarball transfers nothing. The tarball is rewritten only when its content changes.
   - Runs inside the controller's Ansible process (no extra process per folder).
@@ -28,18 +28,22 @@ options:
 """
 
 EXAMPLES = r"""
-- name: Upload the job code when it changed
+- name: Pack the job code and the examples
+  ansible.builtin.set_fact:
+    bundle: "{{ lookup('trainer_bundle', '/tmp/bundles/job.tar.gz', 'trainjob', 'examples') }}"
+
+- name: Upload the tarball
   ansible.builtin.copy:
-    src: "{{ lookup('trainer_bundle', '/tmp/bundles/job.tar.gz', 'trainjob', 'examples') }}"
+    src: "{{ bundle.path }}"
     dest: ~/llama-trainer/job/
     mode: "0600"
 """
 
 RETURN = r"""
 _raw:
-  description: The tarball's path.
+  description: The tarball's path and SHA-1, as C({path, sha1}).
   type: list
-  elements: str
+  elements: dict
 """
 
 SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints"}
@@ -88,7 +92,7 @@ def pack(sources):
 
 
 def write_bundle(out, sources):
-    """Pack ``sources`` into ``out``; returns (sha256, whether the file changed)."""
+    """Pack ``sources`` into ``out``; returns (SHA-1, whether the file changed)."""
     data = pack(sources)
     try:
         with open(out, "rb") as handle:
@@ -101,7 +105,7 @@ def write_bundle(out, sources):
         with open(temporary, "wb") as handle:
             handle.write(data)
         os.replace(temporary, out)
-    return hashlib.sha256(data).hexdigest(), changed
+    return hashlib.sha1(data).hexdigest(), changed
 
 
 class LookupModule(LookupBase):
@@ -112,5 +116,5 @@ class LookupModule(LookupBase):
         missing = [s for s in sources if not os.path.exists(s)]
         if missing:
             raise AnsibleLookupError(f"trainer_bundle: no such file or folder: {', '.join(missing)}")
-        write_bundle(out, sources)
-        return [out]
+        sha1, _ = write_bundle(out, sources)
+        return [{"path": out, "sha1": sha1}]
