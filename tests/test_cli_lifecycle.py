@@ -108,10 +108,6 @@ def test_interrupting_train_terminates_the_instance(tmp_path, signum):
         assert world.live_instances() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "playbooks/train.yml does not honour train_detach yet: its 'Check that the run finished' assert "
-    "fails on a started (running) job and the rescue removes the secrets; lt passes train_detach=true "
-    "and down_after_train=never"))
 def test_detach_then_follow_from_another_process(tmp_path):
     with CloudWorld(tmp_path, max_steps=40) as world:
         started = world.lt("train", "--detach", "--yes", timeout=900)
