@@ -99,20 +99,24 @@ class CloudWorld:
         return out
 
     def __exit__(self, *exc) -> None:
-        # The "instance" is this machine: the fake API ending it stops no process. Do it here.
+        # The "instance" is this machine: the fake API ending it stops no process. Do it here, each
+        # step on its own so that one failing leaves no server or process behind.
+        steps = []
         if self.trainer_dir.exists():
-            _stop_watchdog(self.trainer_dir / "watchdog")
-            for pid_file in self.trainer_dir.glob("runs/*/train.pid"):
-                _kill_group(pid_file)
+            steps.append(lambda: _stop_watchdog(self.trainer_dir / "watchdog"))
+            steps += [lambda p=p: _kill_group(p) for p in self.trainer_dir.glob("runs/*/train.pid")]
         if self.sshd:
-            self.sshd.stop()
+            steps.append(self.sshd.stop)
         if getattr(self, "control_dir", None):
-            _stop_ssh_masters(self.control_dir)
-            shutil.rmtree(self.control_dir, ignore_errors=True)
+            steps.append(lambda: _stop_ssh_masters(self.control_dir))
+            steps.append(lambda: shutil.rmtree(self.control_dir, ignore_errors=True))
         if self.hub:
-            self.hub.__exit__(None, None, None)
+            steps.append(lambda: self.hub.__exit__(None, None, None))
         if self.api:
-            self.api.stop()
+            steps.append(self.api.stop)
+        for step in steps:
+            with contextlib.suppress(Exception):
+                step()
 
     # -- what tests look at ----------------------------------------------------------------------
 

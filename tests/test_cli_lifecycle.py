@@ -148,6 +148,11 @@ def test_killed_controller_leaves_it_to_the_watchdog_after_the_job(tmp_path):
         (shown,) = status["runs"]
         assert shown["instance_state"] == "terminated" and shown["status"] == "interrupted"
 
+        # The killed lt could not remove its private folder (and the secrets file in it); the next
+        # lt that runs a playbook does.
+        assert world.lt("down", run["run_id"], timeout=300).returncode == 0
+        assert not list(Path("/dev/shm").glob(f"lt-runner-{process.pid}-*"))
+
 
 def test_killed_controller_and_the_max_hours_budget(tmp_path):
     with CloudWorld(tmp_path, max_steps=100000) as world:

@@ -75,3 +75,28 @@ def test_command_file_is_masked(tmp_path):
     command.write_text(json.dumps({"command": ["ansible-playbook"], "env": {"A": KEY, "B": "fine"}}))
     runner.mask_command_file(tmp_path, [KEY])
     assert KEY not in command.read_text() and "fine" in command.read_text()
+
+
+def test_a_killed_lt_leaves_no_private_dir_for_long(tmp_path):
+    """SIGKILL skips `finally`: the next run removes the folder of an lt that is gone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    parent = Path(runner.private_dir_parent() or "/tmp")
+    stale = parent / f"lt-runner-{gone.pid}-abcd1234"
+    stale.mkdir(mode=0o700)
+    (stale / "secrets.env").write_text(f"LAMBDA_API_KEY={KEY}\n")
+    alive = parent / f"lt-runner-{os.getpid()}-efgh5678"  # a running lt's folder stays
+    alive.mkdir(mode=0o700)
+    try:
+        with runner.private_data_dir() as folder:
+            assert folder.name.startswith(f"lt-runner-{os.getpid()}-")
+        assert not stale.exists() and alive.exists()
+    finally:
+        for path in (stale, alive):
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)

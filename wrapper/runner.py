@@ -61,13 +61,36 @@ def private_dir_parent() -> str | None:
     return None
 
 
+RUNNER_DIR_PREFIX = "lt-runner-"
+
+
 @contextlib.contextmanager
 def private_data_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lt-runner-", dir=private_dir_parent()))
+    parent = private_dir_parent()
+    remove_stale_private_dirs(Path(parent or tempfile.gettempdir()))
+    # The creator's pid is in the name, so a later lt can remove the folder of one that was killed.
+    path = Path(tempfile.mkdtemp(prefix=f"{RUNNER_DIR_PREFIX}{os.getpid()}-", dir=parent))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_private_dirs(parent: Path) -> list[Path]:
+    """Private folders of lt processes that died without cleaning up (SIGKILL, power loss)."""
+    removed = []
+    for folder in parent.glob(f"{RUNNER_DIR_PREFIX}*-*"):
+        pid = folder.name[len(RUNNER_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except (PermissionError, OSError):
+            continue
+    return removed
 
 
 @contextlib.contextmanager
