@@ -257,12 +257,13 @@ def test_the_job_survives_the_connection_and_the_controller_and_a_reattach_sees_
 
 @pytest.mark.slow
 def test_an_instance_that_stops_answering_is_still_terminated(rig, tmp_path):
+    """The instance goes away while the run is followed: the play fails fast and still terminates."""
     run = rig.start_playbook("train.yml", instance_name="lt-e2e-gone", run_id="gone-1",
                              files_job_src=str(stub_job(tmp_path)), files_examples_src="")
     try:
         deadline = time.monotonic() + 120
-        while "TASK [files" not in run.stdout and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while "TASK [train : Follow the training job" not in run.stdout and time.monotonic() < deadline:
+            time.sleep(0.05)
         rig.sshd.stop()
         assert run.wait(timeout=300) != 0
     finally:
