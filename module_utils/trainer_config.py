@@ -110,7 +110,8 @@ KEYS: list[Key] = [
     _k("wandb-project", "str", "llama-trainer", "W&B project (null disables W&B).", "job"),
     _k("wandb-run-name", "str", None, "W&B run name (default: the run id).", "job"),
     _k("export", "list", ["gguf-q8_0"], "Exports after training: gguf-f16, gguf-q8_0.", "job"),
-    _k("sample-prompts", "list", None, "Prompts for the model card's sample generations.", "job"),
+    _k("sample-prompts", "list", None,
+       "Prompts for the model card's sample generations (default: 3 from the data; [] for none).", "job"),
     _k("output-dir", "str", None, "Where the job writes outputs (default: outputs/<run-id>).", "job"),
 ]
 

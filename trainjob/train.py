@@ -237,7 +237,9 @@ def setup_data(config: JobConfig, tokenizer) -> Splits:
     if built["train"] is None or len(built["train"]) == 0:
         raise DataError(f"{config.dataset}: no training examples are left after tokenization")
 
-    prompts = config.sample_prompts or _first_user_prompts(test_chats or validation_chats or train_chats)
+    # None: a few prompts from the data; an empty list: no sample generations (they cost time on CPU).
+    prompts = (config.sample_prompts if config.sample_prompts is not None
+               else _first_user_prompts(test_chats or validation_chats or train_chats))
     return Splits(built["train"], built["validation"], built["test"], stats, prompts)
 
 
