@@ -7,7 +7,12 @@ import signal
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.lambda_cloud import LIVE_STATUSES, LambdaCloudError, ObjectDoesNotExist
+from ansible.module_utils.lambda_cloud import (
+    DEFAULT_IMAGE_FAMILY,
+    LIVE_STATUSES,
+    LambdaCloudError,
+    ObjectDoesNotExist,
+)
 from ansible.module_utils.lambda_cloud_module import (
     LambdaCloudModule,
     instance_summary,
@@ -25,6 +30,10 @@ description:
   - A launch that never becomes active within O(wait_timeout) is terminated before the task fails, so
     a failed task does not leave a GPU billing. If that terminate fails too, the task fails with the
     instance id and a command that terminates it.
+  - Before launching, the image is looked up in the region's image list (C(GET /images)). Regions
+    that do not offer it are skipped like regions without capacity; when none of the O(region)s (any
+    region, when O(region) is empty) offers it, the task fails before any launch request, listing
+    the image families each region does offer. Check mode makes the same lookup (it only reads).
 extends_documentation_fragment:
   - lambda_cloud
 options:
@@ -68,7 +77,10 @@ options:
     default: []
   image:
     description:
-      - "Machine image, as C({id: ...}) or C({family: ...}). Defaults to Lambda Stack on Ubuntu 22.04."
+      - "Machine image, as C({id: ...}) or C({family: ...}), for example C({family: lambda-stack-22-04})."
+      - "Defaults to C({family: lambda-stack-24-04}): Lambda Stack on Ubuntu 24.04, whose Python 3.12
+        the pinned training stack needs (3.11 or newer). The API's own default, Lambda Stack on
+        Ubuntu 22.04, has Python 3.10."
     type: dict
   tags:
     description:
@@ -170,9 +182,12 @@ class LambdaInstance(LambdaCloudModule):
 
     def _create(self):
         params = self.module.params
+        image = params["image"] or {"family": DEFAULT_IMAGE_FAMILY}
         self._mark_as_changed()
         if self.module.check_mode:
-            regions = params["region"] or [None]
+            # Only reads: a check run already fails when the image is not offered where it would launch.
+            offering = self._call(self.client.regions_with_image, image, params["region"])
+            regions = [region for region in params["region"] if region in offering] or [None]
             self.result["instance"] = {"id": None, "name": self.name, "status": None,
                                        "instance_type": params["instance_type"][0], "region": regions[0]}
             return
@@ -184,7 +199,7 @@ class LambdaInstance(LambdaCloudModule):
                 ssh_key_names=[params["ssh_key_name"]],
                 name=self.name,
                 file_system_names=params["file_systems"],
-                image=params["image"],
+                image=image,
                 user_data=params["user_data"],
                 tags=tags,
             )

@@ -24,6 +24,10 @@ API_KEY_ENV = "LAMBDA_API_KEY"
 BACKOFF_ENV = "LAMBDA_API_BACKOFF"
 LAUNCH_INTERVAL_ENV = "LAMBDA_LAUNCH_INTERVAL"
 USER_AGENT = "llama-trainer/0.1"
+# The image instances boot unless told otherwise: Lambda Stack on Ubuntu 24.04 (Python 3.12). The
+# API's own default, Ubuntu 22.04, has Python 3.10, on which the pinned training stack (trl 1.15)
+# does not install.
+DEFAULT_IMAGE_FAMILY = "lambda-stack-24-04"
 
 # A Retry-After longer than this is treated as this: a module run should not hang for an hour.
 MAX_RETRY_DELAY = 120.0
@@ -306,11 +310,45 @@ class LambdaCloudClient:
             time.sleep(pause)
             pause = min(pause * 2, interval)
 
+    def regions_with_image(self, image, regions=()):
+        """Regions (of all, not only ``regions``) whose image list offers ``image`` (``{"family"}`` or
+        ``{"id"}``), from one GET /images.
+
+        Raises ``InvalidParameters`` naming what each region offers when none of ``regions`` (any
+        region when empty) has it, so that no launch is paid for or refused over it.
+        """
+        key, wanted = next(iter(image.items()))
+        images = self.list_images()
+        offered = {}  # region -> names a person can pick from there
+        having = set()
+        for entry in images:
+            region = _region_name(entry.get("region"))
+            label = entry.get("family") if key == "family" else f"{entry.get('id')} ({entry.get('family')})"
+            offered.setdefault(region, set()).add(label)
+            if entry.get(key) == wanted:
+                having.add(region)
+        if None in having:
+            return _Everywhere()
+        if any(region in having for region in list(regions) or offered):
+            return having
+        what = f"Image {_describe(image)}"
+        where = " or ".join(regions) if regions else "any region"
+        raise InvalidParameters(
+            f"{what} is not offered in {where}; nothing was launched",
+            suggestion=(
+                f"Choose an image {key} offered there (image-family in config/trainer.json) or a region "
+                f"that offers it. What each region offers: {_offers_by_region(offered, regions)}."
+                + (f" {what} is offered in {', '.join(sorted(having))}." if having else "")
+            ),
+        )
+
     def launch_with_failover(self, *, instance_types, regions, **launch_kwargs):
         """Launch the first (type, region) in order of preference that has capacity.
 
         Regions not listed in ``regions_with_capacity_available`` are skipped without a launch
         request (launches are rate limited); an empty ``regions`` means any region with capacity.
+        With an ``image``, regions whose image list lacks it are skipped too, and when none of the
+        regions offers it nothing is launched (``InvalidParameters`` names what they offer).
         Returns ``(instance_ids, instance_type_name, region_name)``.
         """
         catalogue = self.instance_types()
@@ -320,10 +358,15 @@ class LambdaCloudClient:
                 f"Unknown instance type(s) {', '.join(unknown)}",
                 suggestion=f"Use one of: {', '.join(sorted(catalogue))}.",
             )
+        image = launch_kwargs.get("image")
+        with_image = self.regions_with_image(image, regions) if image else _Everywhere()
         tried = []
         for type_name in instance_types:
             listed = [r["name"] for r in catalogue[type_name].get("regions_with_capacity_available", [])]
             for region in regions or listed:
+                if region not in with_image:
+                    tried.append(f"{type_name} in {region}: image {_describe(image)} not offered there")
+                    continue
                 if region not in listed:
                     tried.append(f"{type_name} in {region}: no capacity listed")
                     continue
@@ -417,6 +460,36 @@ class LambdaCloudClient:
 
     def _scrub(self, text):
         return text.replace(self._api_key.reveal(), "***")
+
+
+class _Everywhere:
+    """Membership that holds for every region: no image asked for, or an image listed without one."""
+
+    def __contains__(self, region):
+        return True
+
+
+def _describe(image):
+    """{"family": "x"} -> "family 'x'"."""
+    key, value = next(iter(image.items()))
+    return f"{key} {value!r}"
+
+
+def _region_name(region):
+    """An image's region as a name; None when the listing gives none (offered everywhere)."""
+    if isinstance(region, dict):
+        return region.get("name")
+    return region or None
+
+
+def _offers_by_region(offered, regions):
+    """'us-east-1, us-west-1: a, b; us-west-3: a', grouping regions that offer the same names."""
+    asked = list(regions) or sorted(region for region in offered if region)
+    groups = {}
+    for region in asked:
+        names = ", ".join(sorted(offered.get(region, ()))) or "no images"
+        groups.setdefault(names, []).append(region)
+    return "; ".join(f"{', '.join(where)}: {names}" for names, where in groups.items())
 
 
 class _Secret:

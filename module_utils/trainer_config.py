@@ -55,7 +55,9 @@ KEYS: list[Key] = [
        "Instance types in order of preference (capacity failover).", "cloud"),
     _k("regions", "list", [], "Regions in order of preference; empty means any region with capacity.",
        "cloud"),
-    _k("image-family", "str", None, "Image family to boot (default: Lambda Stack).", "cloud"),
+    _k("image-family", "str", "lambda-stack-24-04",
+       "Image family to boot: Lambda Stack on Ubuntu 24.04 by default, as the pinned training stack "
+       "needs Python 3.11 or newer (Ubuntu 22.04's lambda-stack-22-04 has 3.10).", "cloud"),
     _k("file-systems", "list", [], "Lambda file systems to attach.", "cloud"),
     _k("boot-timeout", "int", 1200, "Seconds to wait for the instance to be active and reachable.", "cloud"),
     _k("max-hours", "float", 8.0, "Hard time budget: the watchdog terminates the instance after this.",

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from module_utils.lambda_cloud import (
+    DEFAULT_IMAGE_FAMILY,
     AccountInactive,
     FileSystemInWrongRegion,
     InstanceNotReady,
@@ -311,7 +312,9 @@ def test_ssh_keys_images_and_file_systems(api, client):
     assert "laptop" not in {k["name"] for k in client.list_ssh_keys()}
     with pytest.raises(ObjectDoesNotExist):
         client.delete_ssh_key(added["id"])
-    assert {image["family"] for image in client.list_images()} == {"lambda-stack-22-04"}
+    images = client.list_images()
+    assert {image["family"] for image in images} == {"lambda-stack-22-04", "lambda-stack-24-04"}
+    assert {image["region"]["name"] for image in images} >= {"us-east-1", "us-west-1"}
     api.add_file_system("datasets", region="us-east-1")
     assert [fs["name"] for fs in client.list_file_systems()] == ["datasets"]
 
@@ -324,3 +327,81 @@ def test_a_launch_that_keeps_failing_warns_that_an_instance_may_exist(api):
     assert "An instance named 'maybe' may have been created anyway" in str(caught.value)
     # Before the retry the client looked for an instance of that name (none), then tried again.
     assert len(api.requests_to("POST", LAUNCH)) == 2 and len(api.requests_to("GET", "/instances")) == 3
+
+
+def test_an_image_no_asked_region_offers_fails_before_any_launch(api, client):
+    with pytest.raises(InvalidParameters) as caught:
+        client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=["us-east-1", "us-west-1"],
+                                    ssh_key_names=[SSH_KEY_NAME], image={"family": "lambda-stack-20-04"})
+    message = str(caught.value)
+    assert "Image family 'lambda-stack-20-04' is not offered in us-east-1 or us-west-1" in message
+    assert "nothing was launched" in message and "global/invalid-parameters" in message
+    assert "us-east-1, us-west-1: lambda-stack-22-04, lambda-stack-24-04" in message
+    assert api.requests_to("POST", LAUNCH) == [] and len(api.requests_to("GET", "/images")) == 1
+
+
+def test_an_image_offered_only_elsewhere_is_named_with_where_it_is(api, client):
+    api.set_image_families("us-west-3", ["lambda-stack-22-04"])
+    api.set_image_families("us-south-1", ["lambda-stack-22-04", "lambda-stack-24-04"])
+    for region in ("us-east-1", "us-west-1", "us-west-2", "europe-central-1", "asia-northeast-1"):
+        api.set_image_families(region, ["lambda-stack-22-04"])
+    with pytest.raises(InvalidParameters) as caught:
+        client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=["us-west-3"],
+                                    ssh_key_names=[SSH_KEY_NAME], image={"family": DEFAULT_IMAGE_FAMILY})
+    message = str(caught.value)
+    assert "us-west-3: lambda-stack-22-04." in message
+    assert "Image family 'lambda-stack-24-04' is offered in us-south-1." in message
+    assert api.requests_to("POST", LAUNCH) == []
+
+
+def test_failover_skips_a_region_without_the_image(api, client):
+    api.set_image_families("us-east-1", ["lambda-stack-22-04"])
+    ids, type_name, region = client.launch_with_failover(
+        instance_types=["gpu_1x_a10"], regions=["us-east-1", "us-west-1"], ssh_key_names=[SSH_KEY_NAME],
+        image={"family": DEFAULT_IMAGE_FAMILY},
+    )
+    assert (type_name, region) == ("gpu_1x_a10", "us-west-1")
+    (launch,) = api.requests_to("POST", LAUNCH)
+    assert launch[2]["region_name"] == "us-west-1" and launch[2]["image"] == {"family": "lambda-stack-24-04"}
+    assert api.instance_images[ids[0]]["family"] == "lambda-stack-24-04"
+    assert api.instance_images[ids[0]]["region"]["name"] == "us-west-1"
+
+
+def test_when_no_region_is_left_the_error_says_which_lacked_the_image(api, client):
+    api.set_image_families("us-east-1", ["lambda-stack-22-04"])
+    api.set_capacity("gpu_1x_a10", ["us-east-1"])
+    with pytest.raises(InsufficientCapacity) as caught:
+        client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=["us-east-1", "us-west-1"],
+                                    ssh_key_names=[SSH_KEY_NAME], image={"family": DEFAULT_IMAGE_FAMILY})
+    message = str(caught.value)
+    assert "gpu_1x_a10 in us-east-1: image family 'lambda-stack-24-04' not offered there" in message
+    assert "gpu_1x_a10 in us-west-1: no capacity listed" in message
+    assert api.requests_to("POST", LAUNCH) == []
+
+
+def test_failover_over_any_region_keeps_to_regions_with_the_image(api, client):
+    api.set_capacity("gpu_1x_a10", ["us-east-1", "us-south-1"])
+    api.set_image_families("us-east-1", ["lambda-stack-22-04"])
+    _, _, region = client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=[],
+                                               ssh_key_names=[SSH_KEY_NAME], image={"family": DEFAULT_IMAGE_FAMILY})
+    assert region == "us-south-1" and len(api.requests_to("POST", LAUNCH)) == 1
+
+
+def test_an_image_id_is_checked_per_region(api, client):
+    by_region = {image["region"]["name"]: image for image in client.list_images()
+                 if image["family"] == "lambda-stack-24-04"}
+    wanted = by_region["us-west-1"]["id"]
+    ids, _, region = client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=["us-east-1", "us-west-1"],
+                                                 ssh_key_names=[SSH_KEY_NAME], image={"id": wanted})
+    assert region == "us-west-1" and api.instance_images[ids[0]]["id"] == wanted
+    with pytest.raises(InvalidParameters, match=f"Image id '{wanted}' is not offered in us-east-1"):
+        client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=["us-east-1"],
+                                    ssh_key_names=[SSH_KEY_NAME], image={"id": wanted})
+    assert len(api.requests_to("POST", LAUNCH)) == 1
+
+
+def test_without_an_image_failover_sends_none_and_the_api_default_boots(api, client):
+    ids, _, _ = client.launch_with_failover(instance_types=["gpu_1x_a10"], regions=["us-east-1"],
+                                            ssh_key_names=[SSH_KEY_NAME])
+    assert "image" not in api.requests_to("POST", LAUNCH)[0][2] and api.requests_to("GET", "/images") == []
+    assert api.instance_images[ids[0]]["family"] == "lambda-stack-22-04"

@@ -77,6 +77,47 @@ def test_launch_errors(api, change, code):
     assert api.instances == {}
 
 
+def test_images_list_both_lambda_stack_families_in_every_region(api):
+    images = call(api, "GET", "/images").json()["data"]
+    families = {}
+    for image in images:
+        assert re.fullmatch(r"[0-9a-f]{32}", image["id"]) and image["architecture"] == "x86_64"
+        assert set(image) >= {"name", "description", "family", "version", "created_time", "updated_time"}
+        families.setdefault(image["region"]["name"], set()).add(image["family"])
+    assert families["us-east-1"] == families["asia-northeast-1"] == {"lambda-stack-22-04", "lambda-stack-24-04"}
+    assert len({image["id"] for image in images}) == len(images)  # one image per family and region
+    api.set_image_families("us-west-3", ["lambda-stack-22-04"])
+    listed = call(api, "GET", "/images").json()["data"]
+    assert {i["family"] for i in listed if i["region"]["name"] == "us-west-3"} == {"lambda-stack-22-04"}
+
+
+def test_launch_boots_the_image_asked_for_or_the_api_default(api):
+    images = call(api, "GET", "/images").json()["data"]
+    by_family = {i["family"]: i for i in images if i["region"]["name"] == "us-east-1"}
+    booted = {}
+    for image in ({"family": "lambda-stack-24-04"}, {"id": by_family["lambda-stack-22-04"]["id"]}, None):
+        body = LAUNCH_BODY if image is None else {**LAUNCH_BODY, "image": image}
+        (instance_id,) = call(api, "POST", "/instance-operations/launch", body).json()["data"]["instance_ids"]
+        booted[json.dumps(image)] = api.instance_images[instance_id]
+        assert "image" not in call(api, "GET", f"/instances/{instance_id}").json()["data"]  # not in the API's shape
+    assert [image["family"] for image in booted.values()] == ["lambda-stack-24-04", "lambda-stack-22-04",
+                                                              "lambda-stack-22-04"]
+    assert all(image["region"]["name"] == "us-east-1" for image in booted.values())
+
+
+@pytest.mark.parametrize(
+    "image",
+    [{"family": "lambda-stack-18-04"}, {"family": "lambda-stack-24-04"}, {"id": "0" * 32},
+     {"name": "ubuntu"}, {"family": "lambda-stack-24-04", "id": "x"}, "lambda-stack-24-04"],
+    ids=["unknown family", "family not in region", "unknown id", "other key", "two keys", "not an object"],
+)
+def test_launch_with_an_image_the_region_lacks_is_invalid(api, image):
+    api.set_image_families("us-east-1", ["lambda-stack-22-04"])
+    reply = call(api, "POST", "/instance-operations/launch", {**LAUNCH_BODY, "image": image})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "global/invalid-parameters"
+    assert api.instances == {} and api.instance_images == {} and api.crashes == []
+
+
 def test_launch_rate_limit_and_injected_bursts(api):
     api.launch_interval = 5
     assert call(api, "POST", "/instance-operations/launch", LAUNCH_BODY).status_code == 200
@@ -100,7 +141,8 @@ def test_capacity_listing_follows_set_capacity(api):
 
 def test_runs_as_a_process_and_persists_state(tmp_path):
     state_file = tmp_path / "state.json"
-    process, url = start_fake_lambda_process(state_file, extra_args=["--boot-seconds", "0", "--ssh-port", "2222"])
+    process, url = start_fake_lambda_process(state_file, extra_args=[
+        "--boot-seconds", "0", "--ssh-port", "2222", "--image-families", "us-west-3=lambda-stack-22-04"])
     try:
         assert url.endswith("/api/v1")
         headers = {"Authorization": f"Bearer {SENTINEL_API_KEY}"}
@@ -109,6 +151,9 @@ def test_runs_as_a_process_and_persists_state(tmp_path):
         state = json.loads(state_file.read_text())
         assert state["launches"] == 1 and state["ssh_port"] == 2222
         assert state["instances"][0]["id"] == instance_id
+        assert state["instance_images"][instance_id]["family"] == "lambda-stack-22-04"
+        images = requests.get(f"{url}/images", headers=headers, timeout=5).json()["data"]
+        assert {i["family"] for i in images if i["region"]["name"] == "us-west-3"} == {"lambda-stack-22-04"}
         requests.post(
             f"{url}/instance-operations/terminate", json={"instance_ids": [instance_id]}, headers=headers, timeout=5
         )

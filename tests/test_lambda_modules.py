@@ -109,6 +109,10 @@ def test_lifecycle_failover_idempotence_restart_and_terminate(api, tmp_path):
     assert (instance["instance_type"], instance["region"]) == ("gpu_1x_a100_sxm4", "us-west-1")
     assert instance["price_cents_per_hour"] == 129 and instance["gpu_description"] == "A100 (40 GB SXM4)"
     assert launches(api) == [("gpu_1x_h100_sxm5", "us-east-1"), ("gpu_1x_a100_sxm4", "us-west-1")]
+    # No image given: the module asks for Lambda Stack on Ubuntu 24.04, which the instance boots.
+    assert {json.dumps(body.get("image")) for _, _, body in api.requests_to("POST", LAUNCH)} == {
+        '{"family": "lambda-stack-24-04"}'}
+    assert api.instance_images[instance["id"]]["family"] == "lambda-stack-24-04"
     assert api.instances[instance["id"]]["tags"] == [{"key": "run", "value": "r1"}]
 
     again = result.result("up again")
@@ -234,6 +238,45 @@ def test_every_error_surfaces_as_a_message_a_person_can_act_on(api, tmp_path):
     assert len(api.requests_to("GET", "/ssh-keys")) == 6 + 1  # "server down" tried 6 times, "other key" once
 
 
+def test_an_image_family_the_regions_lack_fails_before_any_launch_and_failover_skips_such_regions(api):
+    api.set_image_families("us-east-1", ["lambda-stack-22-04"])
+    missing = {"family": "lambda-stack-20-04"}
+    east_then_west = {"region": ["us-east-1", "us-west-1"]}
+    result = run(api, play(
+        instance_task("unknown family", "lt-old", image=missing, ignore_errors=True, **east_then_west),
+        instance_task("unknown family, check", "lt-old", image=missing, ignore_errors=True, check_mode=True,
+                      **east_then_west),
+        instance_task("default family, check", "lt-new", check_mode=True, **east_then_west),
+        instance_task("not in us-east-1", "lt-east", region=["us-east-1"], ignore_errors=True),
+        instance_task("default family", "lt-new", wait=False, **east_then_west),
+    ))
+    for name in ("unknown family", "unknown family, check"):
+        outcome = result.result(name)
+        assert result.failed(name) and outcome["failure"]["code"] == "global/invalid-parameters", outcome
+        assert "Image family 'lambda-stack-20-04' is not offered in us-east-1 or us-west-1" in outcome["msg"]
+        assert "us-east-1: lambda-stack-22-04; us-west-1: lambda-stack-22-04, lambda-stack-24-04" in outcome["msg"]
+    east = result.result("not in us-east-1")
+    assert result.failed("not in us-east-1") and "is offered in" in east["msg"] and "us-west-1" in east["msg"]
+    # Check mode plans the first region that offers the image, and launches nothing.
+    assert result.result("default family, check")["instance"]["region"] == "us-west-1"
+
+    launched = result.result("default family")
+    assert launched["launched"] and launched["instance"]["region"] == "us-west-1"
+    # The only launch request of the whole play went where the image is.
+    assert launches(api) == [("gpu_1x_a10", "us-west-1")]
+    assert api.instance_images[launched["instance"]["id"]]["family"] == "lambda-stack-24-04"
+
+
+def test_the_default_image_family_is_the_same_everywhere():
+    import yaml
+
+    from module_utils import lambda_cloud, trainer_config
+
+    config_default = next(key.default for key in trainer_config.KEYS if key.name == "image-family")
+    role_default = yaml.safe_load((REPO_ROOT / "roles/launch/defaults/main.yml").read_text())["launch_image_family"]
+    assert config_default == role_default == lambda_cloud.DEFAULT_IMAGE_FAMILY == "lambda-stack-24-04"
+
+
 def test_a_launch_that_never_becomes_active_is_terminated(api):
     api.boot_seconds = 600
     # The first terminate is refused: that instance must be named, with the command that ends it.
@@ -309,6 +352,8 @@ def test_module_docs_render_with_the_shared_options():
         "price_cents_per_hour",
         "regions_with_capacity",
         "public_key_file",
+        "lambda-stack-24-04",
+        "GET /images",
     ):
         assert expected in text, expected
     assert text.count("api_key") >= 3 and "ERROR" not in output.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import math
 import os
@@ -54,6 +55,16 @@ INSTANCE_TYPES = {
     "gpu_8x_h100_sxm5": ("H100 (80 GB SXM5)", 2392, 208, 1800, 24780, 8),
 }
 
+# family: (name, description, version, created). Every region offers both until a test says otherwise.
+IMAGE_FAMILIES = {
+    "lambda-stack-22-04": ("Lambda Stack 22.04", "Ubuntu 22.04 LTS with Lambda Stack (Python 3.10)",
+                           "2026.09.1", "2026-09-03T17:12:40Z"),
+    "lambda-stack-24-04": ("Lambda Stack 24.04", "Ubuntu 24.04 LTS with Lambda Stack (Python 3.12)",
+                           "2026.10.2", "2026-10-21T09:48:05Z"),
+}
+# What an instance boots when the launch names no image, as the real API does.
+API_DEFAULT_IMAGE_FAMILY = "lambda-stack-22-04"
+
 LIVE = ("booting", "active", "unhealthy")
 ERROR_STATUS = {
     "global/invalid-api-key": 401,
@@ -75,7 +86,7 @@ class ApiError(Exception):
 class FakeLambdaAPI:
     def __init__(self, api_key="test-api-key", *, boot_seconds=0.5, instance_ip="127.0.0.1",
                  launch_interval=0.0, terminate_seconds=0.2, forget_seconds=2.0, capacity=None,
-                 quota=None, state_file=None, port=0, ssh_port=None):
+                 quota=None, state_file=None, port=0, ssh_port=None, image_families=None):
         self.api_key = api_key
         self.boot_seconds = boot_seconds
         self.instance_ip = instance_ip
@@ -89,6 +100,10 @@ class FakeLambdaAPI:
         # Every type has capacity everywhere until a test says otherwise.
         self.capacity = {name: list(REGIONS) for name in INSTANCE_TYPES}
         self.capacity.update(capacity or {})
+        self.image_families = {region: list(IMAGE_FAMILIES) for region in REGIONS}
+        self.image_families.update(image_families or {})
+        # id -> the image an instance booted. Not part of the API's Instance: for test assertions only.
+        self.instance_images = {}
         self._instances = {}  # id -> Instance (public shape), terminated ones included
         self.ssh_keys = []
         self.file_systems = []
@@ -131,6 +146,11 @@ class FakeLambdaAPI:
         """Regions where ``type_name`` has capacity; launches elsewhere answer insufficient-capacity."""
         with self._lock:
             self.capacity[type_name] = list(regions)
+
+    def set_image_families(self, region, families):
+        """Image families ``region`` offers; a launch there naming another answers invalid-parameters."""
+        with self._lock:
+            self.image_families[region] = list(families)
 
     def fail_next(self, path_prefix, status, code=None, times=1, headers=None, after=False, message=None):
         """Answer the next ``times`` requests under ``path_prefix`` with ``status`` (``{}`` body without
@@ -196,7 +216,7 @@ class FakeLambdaAPI:
         if not self.state_file:
             return
         state = {"url": self.url, "ssh_port": self.ssh_port, "instances": list(self._instances.values()),
-                 "ssh_keys": self.ssh_keys,
+                 "ssh_keys": self.ssh_keys, "instance_images": self.instance_images,
                  "launches": len(self.requests_to("POST", "/instance-operations/launch"))}
         tmp = f"{self.state_file}.tmp"
         with open(tmp, "w") as f:
@@ -231,6 +251,7 @@ class FakeLambdaAPI:
             raise ApiError("global/invalid-parameters", f"SSH key {keys[0]!r} does not exist.")
         if name is not None and (not isinstance(name, str) or len(name) > 64):
             raise ApiError("global/invalid-parameters", "Instance name must be at most 64 characters.")
+        image = self._launch_image(body.get("image"), region)
         file_systems = body.get("file_system_names") or []
         for fs_name in file_systems:
             fs = next((f for f in self.file_systems if f["name"] == fs_name), None)
@@ -253,6 +274,7 @@ class FakeLambdaAPI:
             "jupyter_url": None, "is_reserved": False, "tags": body.get("tags") or [],
             "actions": {a: {"available": True} for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
         }
+        self.instance_images[iid] = image
         self._clock[iid] = {"booted": now, "ended": None, "jupyter": secrets.token_hex(8)}
         self._save()
         return {"instance_ids": [iid]}
@@ -311,10 +333,21 @@ class FakeLambdaAPI:
         return {}
 
     def get_images(self, body):
-        return [{"id": "a8f93d0ab1d24b79a5d2f6e9c3c8d1e2", "created_time": "2025-01-01T00:00:00Z",
-                 "updated_time": "2025-01-01T00:00:00Z", "name": "lambda-stack-22-04",
-                 "description": "Lambda Stack 22.04", "family": "lambda-stack-22-04", "version": "2025.01",
-                 "architecture": "x86_64", "region": _region(r)} for r in REGIONS]
+        return [_image(family, region) for region, families in self.image_families.items() for family in families]
+
+    def _launch_image(self, requested, region):
+        """The image a launch boots: ``{"family"}`` or ``{"id"}`` offered in ``region``, or the default."""
+        if requested is None:
+            requested = {"family": API_DEFAULT_IMAGE_FAMILY}
+        if not (isinstance(requested, dict) and len(requested) == 1 and set(requested) <= {"id", "family"}
+                and isinstance(next(iter(requested.values())), str)):
+            raise ApiError("global/invalid-parameters", 'image must be {"id": ...} or {"family": ...}.')
+        key, value = next(iter(requested.items()))
+        offered = [_image(family, region) for family in self.image_families.get(region, [])]
+        found = next((image for image in offered if image[key] == value), None)
+        if found is None:
+            raise ApiError("global/invalid-parameters", f"Image {key} {value!r} is not available in {region}.")
+        return found
 
     def get_file_systems(self, body):
         return self.file_systems
@@ -432,8 +465,26 @@ def _instance_type(name):
             "specs": {"vcpus": vcpus, "memory_gib": memory, "storage_gib": storage, "gpus": gpus}}
 
 
+def _image(family, region):
+    name, description, version, created = IMAGE_FAMILIES[family]
+    # One image per family and region, with an id that stays the same across runs of the fake.
+    image_id = hashlib.md5(f"{family}/{region}".encode()).hexdigest()
+    return {"id": image_id, "created_time": created, "updated_time": created, "name": name,
+            "description": description, "family": family, "version": version, "architecture": "x86_64",
+            "region": _region(region)}
+
+
 def _now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _mapping(items):
+    """["A=x,y", "B="] -> {"A": ["x", "y"], "B": []}"""
+    mapping = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        mapping[name] = [value for value in values.split(",") if value]
+    return mapping
 
 
 def main(argv=None):
@@ -449,14 +500,13 @@ def main(argv=None):
     parser.add_argument("--ssh-key", action="append", default=[], help="NAME of an SSH key that exists")
     parser.add_argument("--capacity", action="append", default=[], metavar="TYPE=REGION,REGION",
                         help="regions with capacity for TYPE (others answer insufficient-capacity)")
+    parser.add_argument("--image-families", action="append", default=[], metavar="REGION=FAMILY,FAMILY",
+                        help="image families REGION offers (default: every family everywhere)")
     args = parser.parse_args(argv)
-    capacity = {}
-    for item in args.capacity:
-        type_name, _, regions = item.partition("=")
-        capacity[type_name] = [r for r in regions.split(",") if r]
     api = FakeLambdaAPI(args.api_key, boot_seconds=args.boot_seconds, instance_ip=args.ip,
-                        launch_interval=args.launch_interval, capacity=capacity, quota=args.quota,
-                        state_file=args.state, port=args.port, ssh_port=args.ssh_port)
+                        launch_interval=args.launch_interval, capacity=_mapping(args.capacity), quota=args.quota,
+                        state_file=args.state, port=args.port, ssh_port=args.ssh_port,
+                        image_families=_mapping(args.image_families))
     for name in args.ssh_key:
         api.add_ssh_key(name)
     stop = threading.Event()
