@@ -136,10 +136,11 @@ class PlaybookRig:
 
     # -- running playbooks ----------------------------------------------------------------------
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, **more: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("LAMBDA_API_KEY", "HF_TOKEN", "WANDB_API_KEY")}
         env.update(LAMBDA_API_KEY=LAMBDA_SENTINEL, HF_TOKEN=HF_SENTINEL, LAMBDA_LAUNCH_INTERVAL="0",
                    LAMBDA_API_BACKOFF="0.05", ANSIBLE_NOCOLOR="1", PYTHONUNBUFFERED="1")
+        env.update(more)
         return env
 
     def extravars(self, **more) -> dict:
@@ -164,9 +165,11 @@ class PlaybookRig:
     def command(self, playbook: str, **more) -> list[str]:
         return ["ansible-playbook", f"playbooks/{playbook}", "-e", json.dumps(self.extravars(**more))]
 
-    def playbook(self, playbook: str, timeout: float = 600, **more) -> PlaybookResult:
+    def playbook(self, playbook: str, timeout: float = 600, env: dict[str, str] | None = None,
+                 **more) -> PlaybookResult:
+        """Run a playbook to its end; ``env``: more environment variables for ansible-playbook."""
         started = time.monotonic()
-        proc = subprocess.run(self.command(playbook, **more), cwd=REPO_ROOT, env=self.environment(),
+        proc = subprocess.run(self.command(playbook, **more), cwd=REPO_ROOT, env=self.environment(**(env or {})),
                               capture_output=True, text=True, timeout=timeout)
         return PlaybookResult(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
 

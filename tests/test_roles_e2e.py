@@ -119,6 +119,9 @@ def test_train_playbook_runs_the_whole_lifecycle_without_leaking_secrets(rig):
     assert {"model.safetensors", "adapter/adapter_model.safetensors", "README.md"} <= set(pushed)
     log = (rig.fetch_dir / "main-1" / "train.log").read_text()
     assert '"event": "step"' in log and '"event": "done"' in log
+    # The push was confirmed, so the model was not fetched as well.
+    assert not (rig.fetch_dir / "main-1" / "merged").exists()
+    assert not (rig.run_dir("main-1") / "outputs-fetched").exists()
 
     # Layout on the instance; the env file was 0600 while it existed, and is gone now.
     assert (rig.remote_dir / "job" / "trainjob" / "train.py").exists()
@@ -274,6 +277,108 @@ def test_an_instance_that_stops_answering_is_still_terminated(rig, tmp_path):
     # A real instance takes Ansible's async record with it; this one is the test machine.
     for record in files_containing([ASYNC_DIR], secrets=[str(rig.run_dir("gone-1"))]):
         Path(record).unlink(missing_ok=True)
+
+
+# -- a model that is not pushed comes to the controller before the instance goes ---------------------
+
+
+@pytest.mark.slow
+def test_a_run_without_a_hub_repo_brings_the_model_to_the_controller_before_terminating(rig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = rig.write_config_copy(**{"hub-repo": None})
+    result = rig.playbook("train.yml", config_file=str(config), instance_name="lt-e2e-fetch", run_id="fetch-1")
+    assert result.returncode == 0, result.stdout[-6000:]
+
+    # The merged model, the adapter and the rest of the output folder are on the controller.
+    fetched = rig.fetch_dir / "fetch-1"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (fetched / "merged").iterdir()}
+    assert (fetched / "adapter" / "adapter_model.safetensors").exists()
+    assert (fetched / "README.md").exists() and (fetched / "loss.png").exists()
+    assert not json.loads((fetched / "result.json").read_text())["hub"].get("confirmed")
+    assert not (fetched / "outputs.tar").exists()
+    model = AutoModelForCausalLM.from_pretrained(fetched / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(fetched / "merged")
+    assert model.config.model_type == "llama" and tokenizer("cat")["input_ids"]
+
+    # Byte for byte what the job wrote on the instance.
+    job = json.loads((rig.remote_dir / "job.json").read_text())
+    remote_merged = rig.remote_dir / job["output_dir"] / "merged" / "model.safetensors"
+    assert (fetched / "merged" / "model.safetensors").read_bytes() == remote_merged.read_bytes()
+
+    # The watchdog's marker was written (and the archive removed) before the instance was terminated.
+    marker = json.loads((rig.run_dir("fetch-1") / "outputs-fetched").read_text())
+    assert marker["fetched_to"] == str(fetched) and len(marker["checksum"]) == 40
+    assert not (rig.run_dir("fetch-1") / "outputs.tar").exists()
+    stdout = result.stdout
+    assert stdout.index("TASK [train : Record on the instance that the outputs are on the controller]") < stdout.index(
+        "TASK [teardown : Terminate instance lt-e2e-fetch]")
+    [instance] = rig.instances_named("lt-e2e-fetch")
+    assert instance["status"] in ("terminating", "terminated")
+    assert f"Outputs: {fetched}/." in stdout
+
+
+@pytest.mark.slow
+def test_outputs_that_cannot_be_fetched_keep_the_instance_and_the_play_says_what_to_do(rig, tmp_path):
+    job = stub_job(tmp_path)
+    common = {"files_job_src": str(job), "files_examples_src": "", "instance_name": "lt-e2e-keep"}
+    # A fetch folder below a regular file cannot be created, whoever runs the play.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    terminations = len(rig.api.requests_to("POST", "/instance-operations/terminate"))
+    try:
+        result = rig.playbook("train.yml", run_id="keep-1", train_fetch_dir=str(blocker / "outputs"), **common)
+        stdout = result.stdout
+        assert result.returncode != 0
+        assert "The outputs of training run keep-1" in stdout and "are only on lt-e2e-keep" in stdout
+        assert "INSTANCE lt-e2e-keep WAS NOT TERMINATED" in stdout
+        assert "playbooks/reattach.yml" in stdout and "-e run_id=keep-1" in stdout
+        assert "lt down keep-1" in stdout and "ansible-playbook playbooks/down.yml" in stdout
+        assert "-e instance_name=lt-e2e-keep" in stdout
+        assert len(rig.api.requests_to("POST", "/instance-operations/terminate")) == terminations
+        assert "Fetch the run's result and log: " in stdout and "One or more items failed" not in stdout
+        [instance] = rig.instances_named("lt-e2e-keep")
+        assert instance["status"] == "active"
+        # Not marked safe for the watchdog; the job's secrets are gone all the same.
+        assert not (rig.run_dir("keep-1") / "outputs-fetched").exists()
+        assert not (rig.remote_dir / "secrets.env").exists()
+
+        # What the message says works: the reattach brings the outputs back and marks them.
+        fetched = rig.playbook("reattach.yml", run_id="keep-1", instance_name="lt-e2e-keep")
+        assert fetched.returncode == 0, fetched.stdout[-4000:]
+        assert json.loads((rig.fetch_dir / "keep-1" / "result.json").read_text())["status"] == "succeeded"
+        assert (rig.run_dir("keep-1") / "outputs-fetched").exists()
+    finally:
+        down = rig.playbook("down.yml", instance_name="lt-e2e-keep")
+    assert down.returncode == 0, down.stdout[-4000:]
+    [instance] = rig.instances_named("lt-e2e-keep")
+    assert instance["status"] in ("terminating", "terminated")
+
+
+# -- ~ in trainer_dir is one folder for every role ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_home_that_differs_from_the_account_is_one_trainer_folder_for_every_role(rig, tmp_path):
+    """HOME points elsewhere than the password database: copy/template and the modules agree on ~."""
+    import pwd
+
+    home = tmp_path / "home"
+    home.mkdir()
+    account_dir = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".local" / "share" / "llama-trainer"
+    existed = account_dir.exists()
+    result = rig.playbook("local.yml", env={"HOME": str(home)}, trainer_dir="~/.local/share/llama-trainer",
+                          files_job_src=str(stub_job(tmp_path)), files_examples_src="", run_id="home-1",
+                          instance_python=sys.executable)
+    assert result.returncode == 0, result.stdout[-4000:]
+    trainer_dir = home / ".local" / "share" / "llama-trainer"
+    assert json.loads((trainer_dir / "job.json").read_text())["run_id"] == "home-1"
+    assert (trainer_dir / "job" / "trainjob" / "train.py").exists()
+    assert (trainer_dir / "runs" / "home-1" / "exit_code").read_text().strip() == "0"
+    assert json.loads((rig.fetch_dir / "home-1" / "result.json").read_text())["status"] == "succeeded"
+    if not existed:
+        assert not account_dir.exists()
 
 
 # -- the same roles on this machine, and what orchestration costs ---------------------------------

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
+import tarfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -24,11 +26,17 @@ description:
     async job id in the run folder, so a later attach can clean up Ansible's async files.
   - V(stop) sends SIGTERM to the job (it saves what it can), then SIGKILL to its process group after
     O(grace) seconds.
+  - V(pack) reads the run's C(result.json) and, unless O(fetch_outputs) says otherwise, packs the run's
+    output folder into one uncompressed tar in the run folder (model weights barely compress), hashing
+    it as it is written. It reports whether the Hub push was confirmed (C(status) succeeded and
+    C(hub.confirmed)): V(auto) packs only when it was not.
+  - V(fetched) records that the controller holds the outputs (the C(outputs-fetched) marker in the run
+    folder, which the watchdog reads as "outputs safe") and removes the archive.
 options:
   mode:
     description: What to do.
     type: str
-    choices: [prepare, status, stop]
+    choices: [prepare, status, stop, pack, fetched]
     default: status
   trainer_dir:
     description: The trainer directory (the job's working directory).
@@ -70,6 +78,18 @@ options:
     description: With V(stop), seconds between SIGTERM and SIGKILL.
     type: int
     default: 30
+  fetch_outputs:
+    description: >-
+      With V(pack), when to pack: V(auto) when the Hub push was not confirmed, V(always), or V(never).
+    type: str
+    choices: [auto, always, never]
+    default: auto
+  fetched_to:
+    description: With V(fetched), where the controller keeps the outputs (recorded in the marker).
+    type: str
+  checksum:
+    description: With V(fetched), the SHA-1 of the archive the controller verified (recorded in the marker).
+    type: str
 author:
   - llama-trainer contributors
 """
@@ -95,6 +115,14 @@ stdout: {description: The same lines joined, for callbacks that show stdout., ty
 tail_offset: {description: Byte offset in the log where RV(tail) starts., type: int, returned: status}
 progress: {description: The last JSON event in RV(tail) (e.g. a C(step) event)., type: dict, returned: status}
 async_result: {description: Ansible's async job record, when the file exists., type: dict, returned: status}
+outputs_dir: {description: The run's output folder., type: str, returned: pack}
+outputs_exist: {description: The output folder exists., type: bool, returned: pack}
+pushed: {description: result.json says the run succeeded and the Hub push was confirmed., type: bool, returned: pack}
+archive: {description: The tar of the output folder, or empty when nothing was packed., type: str, returned: pack}
+size: {description: Bytes of the archive., type: int, returned: pack}
+checksum: {description: SHA-1 of the archive (what the fetch module reports for the copy)., type: str, returned: pack}
+files: {description: Files in the archive., type: int, returned: pack}
+marker: {description: The C(outputs-fetched) marker., type: str, returned: fetched}
 """
 
 LOG = "train.log"
@@ -102,7 +130,10 @@ PID = "train.pid"
 EXIT_CODE = "exit_code"
 JID = "ansible_job_id"
 LAUNCHER = "launch.sh"
-ATTEMPT_FILES = (LOG, PID, EXIT_CODE, JID)
+# The watchdog's "outputs safe" marker (roles/watchdog/files/watchdog.py, FETCHED_MARKER).
+FETCHED_MARKER = "outputs-fetched"
+ARCHIVE = "outputs.tar"
+ATTEMPT_FILES = (LOG, PID, EXIT_CODE, JID, FETCHED_MARKER)
 TAIL_BYTES = 64 * 1024
 
 
@@ -111,6 +142,14 @@ def read_text(path):
         with open(path, encoding="utf-8", errors="replace") as handle:
             return handle.read().strip()
     except OSError:
+        return None
+
+
+def read_json(path):
+    text = read_text(path)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
         return None
 
 
@@ -318,6 +357,34 @@ class Run:
         record.setdefault("finished", False)
         return record
 
+    def pack(self):
+        params = self.module.params
+        outputs_dir = os.path.dirname(self.result["result_file"])
+        result = read_json(self.result["result_file"]) or {}
+        hub = result.get("hub") if isinstance(result.get("hub"), dict) else {}
+        pushed = result.get("status") == "succeeded" and bool(hub.get("confirmed"))
+        exists = os.path.isdir(outputs_dir)
+        self.result.update(outputs_dir=outputs_dir, outputs_exist=exists, pushed=pushed, archive="", size=0,
+                           checksum="", files=0)
+        wanted = params["fetch_outputs"] == "always" or (params["fetch_outputs"] == "auto" and not pushed)
+        if exists and wanted and not self.module.check_mode:
+            archive = self._path(ARCHIVE)
+            os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+            size, checksum, files = pack_folder(outputs_dir, archive)
+            self.result.update(changed=True, archive=archive, size=size, checksum=checksum, files=files)
+        self.module.exit_json(**self.result)
+
+    def fetched(self):
+        params = self.module.params
+        marker = self._path(FETCHED_MARKER)
+        self.result.update(changed=True, marker=marker)
+        if not self.module.check_mode:
+            write_text(marker, json.dumps({"fetched_to": params["fetched_to"], "checksum": params["checksum"],
+                                           "at": time.time()}) + "\n")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(ARCHIVE))
+        self.module.exit_json(**self.result)
+
     def stop(self):
         grace = self.module.params["grace"]
         state = self.state()
@@ -342,6 +409,34 @@ class Run:
         self.module.exit_json(**self.result)
 
 
+class HashingWriter:
+    """A file that hashes what is written to it, so the archive is read once, while it is written."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        # SHA-1 is the checksum Ansible's fetch reports for the copy.
+        self.digest = hashlib.sha1()
+        self.size = 0
+
+    def write(self, data):
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+
+def pack_folder(folder, archive):
+    """Tar the contents of ``folder`` (names relative to it) into ``archive``; (size, sha1, files)."""
+    temporary = f"{archive}.tmp"
+    with open(temporary, "wb") as handle:
+        writer = HashingWriter(handle)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(os.listdir(folder)):
+                tar.add(os.path.join(folder, name), arcname=name)
+            files = sum(1 for member in tar.getmembers() if member.isfile())
+    os.replace(temporary, archive)
+    return writer.size, writer.digest.hexdigest(), files
+
+
 def _age(path):
     """Seconds since the file was last written, or None when it does not exist."""
     try:
@@ -358,7 +453,7 @@ def _signal(pid, number):
 def main():
     module = AnsibleModule(
         argument_spec={
-            "mode": {"type": "str", "choices": ["prepare", "status", "stop"], "default": "status"},
+            "mode": {"type": "str", "choices": ["prepare", "status", "stop", "pack", "fetched"], "default": "status"},
             "trainer_dir": {"type": "path", "required": True},
             "run_id": {"type": "str"},
             "job_config": {"type": "str", "default": "job.json"},
@@ -370,6 +465,9 @@ def main():
             "tail_lines": {"type": "int", "default": 20},
             "start_grace": {"type": "int", "default": 120},
             "grace": {"type": "int", "default": 30},
+            "fetch_outputs": {"type": "str", "choices": ["auto", "always", "never"], "default": "auto"},
+            "fetched_to": {"type": "str"},
+            "checksum": {"type": "str"},
         },
         supports_check_mode=True,
     )
