@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
+from importlib import metadata
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -115,8 +118,28 @@ def has_nvidia_gpu():
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
 
+def installed_here(names):
+    found = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def runs_this_module(python):
+    """Whether ``python`` is the interpreter running this module, outside any venv (same packages)."""
+    try:
+        same = os.path.samefile(python, sys.executable)
+    except OSError:
+        return False
+    return same and sys.prefix == sys.base_prefix
+
+
 def interpreter_facts(module, python, names):
     """(Python version "3.10", {package: installed version}) of ``python``."""
+    # Usually the module's own interpreter: read it here instead of starting another Python.
+    if runs_this_module(python):
+        return "{}.{}".format(*sys.version_info[:2]), installed_here(names)
     try:
         rc, out, err = module.run_command([python, "-c", VERSIONS_SCRIPT, *names])
     except OSError as exc:
