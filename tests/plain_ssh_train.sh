@@ -56,6 +56,14 @@ mkdir -p "$FETCH_DIR"
 copy "$host:$REMOTE_DIR/$run_dir/outputs/result.json" "$host:$REMOTE_DIR/$run_dir/train.log" "$FETCH_DIR/"
 test "$(on "cat $REMOTE_DIR/$run_dir/exit_code")" = 0
 
+# Outputs (the model is not on the Hub): tar them on the instance, fetch, check the SHA-1, unpack here,
+# then mark them fetched on the instance and remove its archive.
+sha1=$(on "tar -cf $REMOTE_DIR/$run_dir/outputs.tar -C $REMOTE_DIR/$run_dir/outputs . && sha1sum $REMOTE_DIR/$run_dir/outputs.tar" | cut -d' ' -f1)
+copy "$host:$REMOTE_DIR/$run_dir/outputs.tar" "$FETCH_DIR/"
+test "$(sha1sum "$FETCH_DIR/outputs.tar" | cut -d' ' -f1)" = "$sha1"
+tar -xf "$FETCH_DIR/outputs.tar" -C "$FETCH_DIR" && rm "$FETCH_DIR/outputs.tar"
+on "echo '{\"fetched_to\": \"$FETCH_DIR\"}' > $REMOTE_DIR/$run_dir/outputs-fetched && rm -f $REMOTE_DIR/$run_dir/outputs.tar"
+
 # Down: remove the secrets, terminate, wait until terminated.
 on "rm -f $REMOTE_DIR/secrets.env"
 jq -n --arg i "$id" '{instance_ids: [$i]}' | api -X POST "$API_URL/instance-operations/terminate" -d @- >/dev/null
