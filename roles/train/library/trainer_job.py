@@ -29,7 +29,7 @@ description:
   - V(pack) reads the run's C(result.json) and, unless O(fetch_outputs) says otherwise, packs the run's
     output folder into one uncompressed tar in the run folder (model weights barely compress), hashing
     it as it is written. It reports whether the Hub push was confirmed (C(status) succeeded and
-    C(hub.confirmed)): V(auto) packs only when it was not.
+    C(hub.confirmed)); V(auto) packs only when it was not.
   - V(fetched) records that the controller holds the outputs (the C(outputs-fetched) marker in the run
     folder, which the watchdog reads as "outputs safe") and removes the archive.
 options:
