@@ -177,6 +177,18 @@ def test_finished_but_not_safe_waits_for_the_fetch(api, instance):
     assert "fetched its outputs" in log
 
 
+def test_idle_never_ends_an_instance_holding_the_only_trained_model(api, instance):
+    instance_id = launch(api)
+    box = instance(idle_minutes=0.5 / 60, max_hours=4 / 3600)
+    box.end_job({"status": "succeeded", "hub": {}})  # trained, but neither pushed nor fetched
+    box.start()
+    time.sleep(2.5)  # well past idle_minutes
+    assert status(api, instance_id) == "active" and box.process.poll() is None
+    log = box.wait(timeout=30)  # the budget still ends it
+    assert terminated(api, instance_id)
+    assert "budget:" in log and "idle:" not in log
+
+
 def test_idle_counts_from_the_last_activity(api, instance):
     instance_id = launch(api)
     box = instance(idle_minutes=1.5 / 60)

@@ -395,12 +395,32 @@ def _guarded(run: Run, playbook: str, terminate_on_failure: bool, **more) -> Pla
         run.update(status="failed", message=message)
         _keep_result(run)
         progress.show_tail()
-        if terminate_on_failure:
+        if outputs_only_on_instance(result):
+            # The trained model is neither pushed nor fetched: ending the instance would lose it.
+            run.update(instance_state="kept", message=message)
+            warn_left_running(run, "its trained model exists only there and could not be fetched; "
+                                   f"fetch it with `lt logs -f {run.id}`, then end it")
+        elif terminate_on_failure:
             run.ensure_terminated(f"{playbook} failed")
         else:
             warn_left_running(run, f"{playbook} failed and the instance was kept for you to look at")
         raise click.ClickException(f"run {run.id}: {playbook} failed: {message}")
     return result
+
+
+def trained_model_is_safe(run: Run) -> bool:
+    """False when the job trained a model that is neither confirmed on the Hub nor fetched here."""
+    result = (run.record.get("outputs") or {}).get("result") or {}
+    if result.get("status") != "succeeded":
+        return True  # no finished model to lose
+    if (result.get("hub") or {}).get("confirmed"):
+        return True
+    return (Path.cwd() / "outputs" / run.id / "merged").is_dir()
+
+
+def outputs_only_on_instance(result: PlaybookResult) -> bool:
+    """train.yml / reattach.yml say so (set_stats) when the outputs are on the instance alone."""
+    return bool(result.artifact_data.get("outputs_kept_on"))
 
 
 def _keep_result(run: Run) -> dict | None:
@@ -466,7 +486,10 @@ def follow(run: Run, **variables) -> None:
         _keep_result(run)
     else:
         _finished(run)
-    if run.record.get("down_after"):
+    if run.record.get("down_after") and (outputs_only_on_instance(result) or not trained_model_is_safe(run)):
+        warn_left_running(run, "its trained model exists only there and could not be fetched; "
+                               f"`lt logs -f {run.id}` tries again")
+    elif run.record.get("down_after"):
         run.playbook("down", Progress(cost=run.cost, quiet_tasks=True))
         run.ensure_terminated("the run is over")
     if not result.ok:

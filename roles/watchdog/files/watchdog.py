@@ -9,7 +9,8 @@ name) when any of these holds:
            still running first gets SIGTERM and a grace period to save and push a checkpoint;
   finished the job has ended and its outputs are safe: result.json says the Hub push was confirmed,
            or the controller fetched them (an `outputs-fetched` marker in the run's folder);
-  idle     no job has run and nothing in the trainer folder has changed for idle_minutes.
+  idle     no job has run and nothing in the trainer folder has changed for idle_minutes (never
+           while a trained model exists only on this instance: then only the budget ends it).
 
 Standard library only: it runs on the image's system Python before any venv exists. The API key is
 read from a 0600 env file and sent only as a bearer token. Log: <state_dir>/watchdog.log.
@@ -166,6 +167,15 @@ class Runs:
             return True, f"{latest.name} ended and its outputs were pushed to {result['hub'].get('repo')}"
         return False, f"{latest.name} ended; its outputs are neither pushed nor fetched yet"
 
+    def holds_the_only_model(self) -> bool:
+        """The latest job trained a model that exists nowhere but here (not pushed, not fetched)."""
+        dirs = self.run_dirs()
+        if not dirs or not (dirs[-1] / "exit_code").exists() or (dirs[-1] / FETCHED_MARKER).exists():
+            return False
+        result = _find_result(dirs[-1])
+        return bool(result and result.get("status") == "succeeded"
+                    and not (result.get("hub") or {}).get("confirmed"))
+
 
 def _find_result(run_dir: Path) -> dict | None:
     candidates = [run_dir / "outputs" / "result.json", run_dir / "result.json", *run_dir.glob("*/result.json")]
@@ -273,6 +283,9 @@ class Watchdog:
                 return f"finished: {why}"
             return None
         self.state.pop("safe_since", None)
+        if runs.holds_the_only_model():
+            # Idling would lose the trained model; only the budget (above) may end this instance.
+            return None
         idle_limit = float(self.config["idle_minutes"]) * 60
         active = max(self.state.get("last_job_seen", 0), self.started_at(), self.state["first_started"],
                      last_activity(self.trainer_dir, self.state_dir))
