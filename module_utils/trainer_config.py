@@ -66,7 +66,8 @@ KEYS: list[Key] = [
     _k("watchdog", "bool", True,
        "Run the on-instance watchdog (puts the Lambda API key, 0600, on the instance).", "cloud"),
     _k("idle-minutes", "int", 30,
-       "Watchdog: terminate when no training job has run for this long.", "cloud"),
+       "Watchdog: terminate when no training job has run for this long (never while a trained model "
+       "exists only on the instance).", "cloud"),
     # --- Hugging Face and W&B ---
     _k("hugging-face--access-token", "str", None, "Hugging Face token (write access to hub-repo).",
        "cloud", var="hf_token", secret=True, env="HF_TOKEN"),
