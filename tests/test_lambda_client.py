@@ -305,7 +305,7 @@ def test_ssh_keys_images_and_file_systems(api, client):
     added = client.add_ssh_key("laptop", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBbB laptop")
     assert "private_key" not in added and len(added["id"]) == 32
     generated = client.add_ssh_key("generated")
-    assert generated["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert generated["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")  # the fake server's key
     names = {k["name"] for k in client.list_ssh_keys()}
     assert names == {SSH_KEY_NAME, "laptop", "generated"}
     client.delete_ssh_key(added["id"])

@@ -177,7 +177,7 @@ def test_every_error_surfaces_as_a_message_a_person_can_act_on(api, tmp_path):
     # One more than the modules' retries: each burst outlasts exactly one task.
     api.fail_next("/instance-types", 429, times=6)
     api.fail_next("/ssh-keys", 500, times=6)
-    private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAAPrivateKeyBody\n-----END OPENSSH PRIVATE KEY-----\n"
+    private_key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAAPrivateKeyBody\n-----END OPENSSH PRIVATE KEY-----\n"  # fake key material
     (tmp_path / "id_ed25519").write_text(private_key)
     us_east = {"region": ["us-east-1"]}
     cases = {

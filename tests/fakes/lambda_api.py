@@ -321,7 +321,7 @@ class FakeLambdaAPI:
             return self.add_ssh_key(name, body["public_key"])
         material = secrets.token_urlsafe(48)
         key = dict(self.add_ssh_key(name, f"ssh-ed25519 {material} {name}"))
-        key["private_key"] = f"-----BEGIN OPENSSH PRIVATE KEY-----\n{material}\n-----END OPENSSH PRIVATE KEY-----\n"
+        key["private_key"] = f"-----BEGIN OPENSSH PRIVATE KEY-----\n{material}\n-----END OPENSSH PRIVATE KEY-----\n"  # fake key
         return key
 
     def delete_ssh_key(self, body, key_id):
