@@ -163,7 +163,7 @@ class Runs:
         if (latest / FETCHED_MARKER).exists():
             return True, f"{latest.name} ended and the controller fetched its outputs"
         result = _find_result(latest)
-        if result and result.get("status") == "succeeded" and (result.get("hub") or {}).get("confirmed"):
+        if _trained(result) and _push_confirmed(result):
             return True, f"{latest.name} ended and its outputs were pushed to {result['hub'].get('repo')}"
         return False, f"{latest.name} ended; its outputs are neither pushed nor fetched yet"
 
@@ -173,8 +173,15 @@ class Runs:
         if not dirs or not (dirs[-1] / "exit_code").exists() or (dirs[-1] / FETCHED_MARKER).exists():
             return False
         result = _find_result(dirs[-1])
-        return bool(result and result.get("status") == "succeeded"
-                    and not (result.get("hub") or {}).get("confirmed"))
+        return _trained(result) and not _push_confirmed(result)
+
+
+def _trained(result: dict | None) -> bool:
+    return bool(result) and result.get("status") == "succeeded"
+
+
+def _push_confirmed(result: dict) -> bool:
+    return bool((result.get("hub") or {}).get("confirmed"))
 
 
 def _find_result(run_dir: Path) -> dict | None:
